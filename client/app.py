@@ -1,0 +1,67 @@
+"""crossrec ClientApp: one client = one scenario. Unpack the message, call plain functions, pack the reply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.config import Config
+from shared.data import load_scenario
+from shared.records import ARRAYS, CONFIG, INFO, METRICS, NUM_EXAMPLES, from_arrayrecord, load_trainable, to_arrayrecord, trainable_state
+
+from .training import LocalData, build_model, evaluate, prepare, train_round
+
+app = ClientApp()
+
+
+def scenario_folder(cfg: Config, node_config: dict[str, object]) -> Path:
+    """Deployment: node config ``scenario`` + ``data-dir``; simulation: partition-id -> ``data.scenarios``."""
+    if "data-dir" in node_config:
+        return Path(str(node_config["data-dir"]))
+    names = cfg.data.scenario_names
+    pid = int(node_config["partition-id"])  # type: ignore[call-overload]
+    if pid >= len(names):
+        raise ValueError(f"partition-id {pid} has no scenario: data.scenarios = {cfg.data.scenarios!r}")
+    if not cfg.data.dir:
+        raise ValueError("config key 'data.dir' is empty: set it to the folder holding the scenario folders")
+    return Path(cfg.data.dir) / names[pid]
+
+
+def setup(context: Context) -> tuple[Config, LocalData]:
+    cfg = Config.from_run_config(context.run_config)
+    scenario = load_scenario(scenario_folder(cfg, dict(context.node_config)), lenient=cfg.data.lenient)
+    expected = context.node_config.get("scenario")
+    if expected is not None and expected != scenario.name:
+        raise ValueError(f"node config scenario={expected!r} but the data folder holds scenario {scenario.name!r}")
+    return cfg, prepare(scenario, cfg)
+
+
+def _reply(msg: Message, data: LocalData, metrics: dict[str, float], with_weights: object = None) -> Message:
+    content = RecordDict({
+        METRICS: MetricRecord({**metrics, NUM_EXAMPLES: data.num_examples}),
+        INFO: ConfigRecord({"scenario": data.scenario.name}),
+    })
+    if with_weights is not None:
+        content[ARRAYS] = to_arrayrecord(trainable_state(with_weights))  # type: ignore[arg-type]
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global weights, train locally, reply with the trainable weights only."""
+    cfg, data = setup(context)
+    model = build_model(cfg, data)
+    load_trainable(model, from_arrayrecord(msg.content[ARRAYS]))  # type: ignore[arg-type]
+    stats = train_round(model, data, cfg, int(msg.content[CONFIG]["server-round"]))  # type: ignore[index, call-overload]
+    return _reply(msg, data, stats, with_weights=model)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Full-ranking metrics of the global weights on this scenario's validation and test splits."""
+    cfg, data = setup(context)
+    model = build_model(cfg, data)
+    load_trainable(model, from_arrayrecord(msg.content[ARRAYS]))  # type: ignore[arg-type]
+    return _reply(msg, data, evaluate(model, data, cfg))

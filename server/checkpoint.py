@@ -1,0 +1,74 @@
+"""Round checkpoints (safetensors + JSON metadata), resume, and export of the adapter in peft's layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from shared.config import Config
+
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "meta.json"
+
+
+def checkpoint_dir(run_dir: str | Path, server_round: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"round-{server_round:04d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path, server_round: int, arrays: dict[str, np.ndarray], cfg: Config, meta: dict[str, Any]
+) -> Path:
+    """Write ``checkpoints/round-NNNN/`` atomically (temp folder renamed into place)."""
+    final = checkpoint_dir(run_dir, server_round)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / WEIGHTS_FILE))
+        record = {"round": server_round, "model_hash": cfg.model_hash(), "config": cfg.to_flat(), **meta}
+        (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_checkpoint(folder: str | Path, cfg: Config) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    """(round, weights, metadata) of a checkpoint folder; its model must match ``cfg``'s."""
+    folder = Path(folder)
+    meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"run.resume = '{folder}': not a checkpoint folder (needs {META_FILE} and {WEIGHTS_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("model_hash") != cfg.model_hash():
+        raise ValueError(
+            f"run.resume = '{folder}': checkpoint was written for a different model.*/lora.* config "
+            f"(hash {meta.get('model_hash')} vs {cfg.model_hash()})"
+        )
+    return int(meta["round"]), load_file(str(weights_path)), meta
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The highest-round checkpoint in a run folder, if any."""
+    rounds = sorted((Path(run_dir) / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]"))
+    return rounds[-1] if rounds else None
+
+
+def export_adapter(model: Any, folder: str | Path) -> None:
+    """Adapter via peft ``save_pretrained``, plus the user model and head beside it."""
+    folder = Path(folder)
+    model.encoder.save_pretrained(str(folder))
+    rest = {
+        n: p.detach().cpu().numpy()
+        for n, p in model.named_parameters()
+        if p.requires_grad and not n.startswith("encoder.")
+    }
+    save_file(rest, str(folder / "crossrec_head.safetensors"))

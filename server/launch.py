@@ -1,0 +1,142 @@
+"""Start Flower processes for crossrec and stop every process they started, by PID.
+
+All Flower processes get a project-local ``FLWR_HOME``, no runtime dependency installation, no
+telemetry, no update checks and no hub access.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import httpx
+import psutil
+
+CONNECTION = "crossrec-local"
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process crossrec starts."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+    )
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _executable(name: str) -> str:
+    """A console script of this environment (beside the running interpreter), else from PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"'{name}' not found; is crossrec installed in this environment?")
+    return found
+
+
+def stop_tree(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Stop a process and all its descendants (collected before anything is signalled), by PID."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+
+
+@contextlib.contextmanager
+def simulation_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60.0) -> Iterator[str]:
+    """A SuperLink in simulation mode on a free loopback port; yields the connection name.
+
+    Writes ``FLWR_HOME/config.toml`` with that connection. On exit the SuperLink and every process
+    below it (simulation runtime, ServerApp, Ray workers) are stopped.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    command = [
+        _executable("flower-superlink"), "--simulation", "--insecure",
+        "--disable-runtime-dependency-installation",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--database", str(flwr_home / "state.db"),
+    ]
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(command, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not become healthy in {startup_timeout:.0f}s; see {log_file}")
+            time.sleep(0.25)
+        yield CONNECTION
+    finally:
+        stop_tree(proc)
+
+
+def toml_value(value: bool | int | float | str) -> str:
+    """A run-config value as TOML (for ``flwr run --run-config``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def flwr_run(
+    app_dir: Path,
+    flwr_home: Path,
+    run_config: Mapping[str, bool | int | float | str],
+    num_supernodes: int,
+    cpus_per_client: int = 1,
+) -> int:
+    """``flwr run APP CONNECTION --stream`` on the simulation SuperLink; returns its exit code."""
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    command = [
+        _executable("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+        "--run-config", overrides,
+        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+    ]
+    proc = subprocess.Popen(command, env=flower_env(flwr_home), start_new_session=True)
+    try:
+        return proc.wait()
+    finally:
+        stop_tree(proc)

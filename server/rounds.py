@@ -1,0 +1,90 @@
+"""The server's round loop: train, validate + aggregate, evaluate, log, checkpoint; resumable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from shared.config import Config
+from shared.model import RecModel
+from shared.records import from_arrayrecord, load_trainable, to_arrayrecord, trainable_state
+
+from .checkpoint import export_adapter, load_checkpoint, save_checkpoint
+from .strategy import CrossrecFedAvg, expected_from
+
+log = logging.getLogger("flwr").getChild("crossrec")  # streamed by `flwr run --stream`
+METRICS_FILE = "metrics.jsonl"
+
+
+def initial_weights(cfg: Config) -> tuple[int, dict[str, np.ndarray], RecModel]:
+    """(last completed round, weights, model): from ``run.resume`` or freshly seeded."""
+    torch.manual_seed(cfg.train.seed)
+    model = RecModel(cfg)
+    if cfg.run.resume:
+        done, arrays, _ = load_checkpoint(cfg.run.resume, cfg)
+        load_trainable(model, arrays)
+        log.info("resuming after round %d from %s", done, cfg.run.resume)
+        return done, arrays, model
+    return 0, trainable_state(model), model
+
+
+def metric_lines(server_round: int, strategy: CrossrecFedAvg, reference: str = "federated") -> list[dict[str, object]]:
+    """One metrics.jsonl row per scenario: train stats and valid/test metrics of this round."""
+    rows = []
+    for scenario in sorted(set(strategy.train_metrics) | set(strategy.eval_metrics)):
+        ev = strategy.eval_metrics.get(scenario, {})
+        rows.append({
+            "round": server_round,
+            "scenario": scenario,
+            "reference": reference,
+            "train": strategy.train_metrics.get(scenario, {}),
+            **{split: {k.split(".", 1)[1]: v for k, v in ev.items() if k.startswith(split + ".")}
+               for split in ("valid", "test")},
+        })
+    return rows
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarray]:
+    """Run rounds ``done+1 .. fed.rounds``; checkpoint after each; export the final adapter."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done, arrays, model = initial_weights(cfg)
+    strategy = CrossrecFedAvg(expected_from(arrays), weighting=cfg.fed.weighting, min_clients=cfg.fed.min_clients)
+    global_record = to_arrayrecord(arrays)
+    for server_round in range(done + 1, cfg.fed.rounds + 1):
+        started = time.time()
+        log.info("[ROUND %d/%d] training", server_round, cfg.fed.rounds)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, global_record, ConfigRecord(), grid), timeout=cfg.fed.timeout
+        )
+        new_record, _ = strategy.aggregate_train(server_round, replies)
+        if new_record is None:
+            raise RuntimeError(
+                f"round {server_round} failed: fewer than fed.min-clients = {cfg.fed.min_clients} valid replies "
+                f"({'; '.join(strategy.dropped[-3:]) or 'no replies'}); the last checkpoint is intact, resume from it"
+            )
+        global_record = new_record
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, global_record, ConfigRecord(), grid), timeout=cfg.fed.timeout
+        )
+        strategy.aggregate_evaluate(server_round, replies)
+        rows = metric_lines(server_round, strategy)
+        with (run_dir / METRICS_FILE).open("a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
+        save_checkpoint(
+            run_dir, server_round, from_arrayrecord(global_record), cfg,
+            {"metrics": {r["scenario"]: {"valid": r["valid"], "test": r["test"]} for r in rows},
+             "dropped": strategy.dropped},
+        )
+        summary = ", ".join(f"{r['scenario']} ndcg@10 {r['valid'].get('ndcg@10', float('nan')):.4f}" for r in rows)
+        log.info("[ROUND %d/%d] done in %.1fs: valid %s", server_round, cfg.fed.rounds, time.time() - started, summary)
+    final = from_arrayrecord(global_record)
+    load_trainable(model, final)
+    export_adapter(model, run_dir / "adapter")
+    return final

@@ -1,0 +1,190 @@
+"""The one config schema: frozen dataclasses parsed once from Flower's flat run config.
+
+Every key has its default here and the same default in ``pyproject.toml``
+(``[tool.flwr.app.config]``); ``tests/test_config.py`` checks that both agree.
+Keys are grouped by dotted prefix: ``model.*``, ``lora.*``, ``train.*``, ``fed.*``,
+``data.*``, ``run.*``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+def _fail(key: str, value: object, why: str) -> None:
+    raise ValueError(f"config key '{key}' = {value!r}: {why}")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Frozen encoder, item/user towers and multi-objective head."""
+
+    encoder: str = DEFAULT_ENCODER  # packaged MiniLM, a local folder, or a cached model id
+    max_length: int = 32  # tokens per item text
+    history: int = 20  # most recent items the user model reads
+    head_experts: int = 4  # MMoE experts shared by all objectives
+    head_hidden: int = 64  # width of the head's projections and experts
+    objectives: str = "engagement,satisfaction"  # first one is the ranking objective
+
+    def __post_init__(self) -> None:
+        for key in ("max_length", "history", "head_experts", "head_hidden"):
+            if getattr(self, key) < 1:
+                _fail(f"model.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
+        names = _names(self.objectives)
+        if not names or len(set(names)) != len(names):
+            _fail("model.objectives", self.objectives, "needs distinct comma-separated names")
+        if not self.encoder:
+            _fail("model.encoder", self.encoder, "must name a model")
+
+    @property
+    def objective_names(self) -> tuple[str, ...]:
+        return _names(self.objectives)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters on the attention projections of the top layers."""
+
+    rank: int = 8
+    alpha: int = 16
+    layers: int = 2  # LoRA on the top N layers; the frozen layers below are cached
+    targets: str = "query,value"
+
+    def __post_init__(self) -> None:
+        for key in ("rank", "alpha", "layers"):
+            if getattr(self, key) < 1:
+                _fail(f"lora.{key}", getattr(self, key), "must be >= 1")
+        if not _names(self.targets):
+            _fail("lora.targets", self.targets, "needs at least one module name")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(_names(self.targets))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on one client (or one scenario alone)."""
+
+    local_steps: int = 25  # optimiser steps per round
+    batch_size: int = 32  # users sampled per step, one example each
+    negatives: int = 64  # random catalog items shared by a batch as negatives
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    aux_weight: float = 0.5  # weight of every non-ranking objective's loss
+    seed: int = 0
+    threads: int = 0  # torch threads per process; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        for key in ("local_steps", "batch_size"):
+            if getattr(self, key) < 1:
+                _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
+        for key in ("negatives", "threads"):
+            if getattr(self, key) < 0:
+                _fail(f"train.{key}", getattr(self, key), "must be >= 0")
+        if not self.lr > 0:
+            _fail("train.lr", self.lr, "must be > 0")
+        if self.weight_decay < 0 or self.aux_weight < 0:
+            _fail("train.weight-decay/aux-weight", (self.weight_decay, self.aux_weight), "must be >= 0")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Server-side federation settings."""
+
+    rounds: int = 8
+    min_clients: int = 3  # a round needs this many valid replies
+    weighting: str = "examples"  # "examples" (FedAvg) or "uniform" (one vote per scenario)
+    timeout: float = 3600.0  # seconds to wait for replies in a round
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            _fail("fed.rounds", self.rounds, "must be >= 1")
+        if self.min_clients < 1:
+            _fail("fed.min-clients", self.min_clients, "must be >= 1")
+        if self.weighting not in ("examples", "uniform"):
+            _fail("fed.weighting", self.weighting, "must be 'examples' or 'uniform'")
+        if not self.timeout > 0:
+            _fail("fed.timeout", self.timeout, "must be > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where scenarios live (simulation: partition-id -> scenario)."""
+
+    dir: str = ""  # folder holding one sub-folder per scenario in the canonical format
+    scenarios: str = "shop,video,news"
+    lenient: bool = False  # skip malformed rows (and report them) instead of failing
+
+    def __post_init__(self) -> None:
+        names = _names(self.scenarios)
+        if not names or len(set(names)) != len(names):
+            _fail("data.scenarios", self.scenarios, "needs distinct comma-separated names")
+
+    @property
+    def scenario_names(self) -> tuple[str, ...]:
+        return _names(self.scenarios)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the server writes, and where it resumes from."""
+
+    dir: str = ""  # run folder: metrics.jsonl, checkpoints/, adapter/
+    resume: str = ""  # a checkpoint folder to continue from ("" = start fresh)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a crossrec run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> Config:
+        """Parse Flower's flat run config (``"train.lr": 0.003``); unknown keys and bad types raise."""
+        groups: dict[str, dict[str, Any]] = {f.name: {} for f in fields(cls)}
+        defaults = cls().to_flat()
+        for key, value in run_config.items():
+            if key not in defaults:
+                raise ValueError(f"unknown config key '{key}' (known: {', '.join(sorted(defaults))})")
+            expected = type(defaults[key])
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not expected:
+                _fail(key, value, f"must be of type {expected.__name__}")
+            group, name = key.split(".", 1)
+            groups[group][name.replace("-", "_")] = value
+        sections = {f.name: f.default_factory() for f in fields(cls)}  # type: ignore[misc]
+        return cls(**{g: dataclasses.replace(sections[g], **kv) for g, kv in groups.items()})
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """The flat run-config form, the inverse of :meth:`from_run_config`."""
+        flat: dict[str, bool | int | float | str] = {}
+        for section in fields(self):
+            for f in fields(getattr(self, section.name)):
+                flat[f"{section.name}.{f.name.replace('_', '-')}"] = getattr(
+                    getattr(self, section.name), f.name
+                )
+        return flat
+
+    def model_hash(self) -> str:
+        """Hash of everything that fixes the shapes of the shared weights."""
+        keys = {k: v for k, v in self.to_flat().items() if k.startswith(("model.", "lora."))}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

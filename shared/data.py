@@ -1,0 +1,250 @@
+"""Canonical scenario data: schema, validating loader, writer and leave-one-out split.
+
+A scenario is a folder with three files (UTF-8):
+
+``scenario.json``
+    ``{"name": "shop", "objectives": ["engagement", "satisfaction"]}``: the objectives this
+    scenario has labels for. The first model objective (engagement) is the interaction itself.
+``items.jsonl``
+    One JSON object per line: ``item_id`` (str, unique), ``text`` (str, non-empty), optional
+    ``category`` (str) and ``value`` (number, e.g. price or margin).
+``interactions.jsonl``
+    One JSON object per line: ``user_id`` (str), ``item_id`` (str, in the catalog),
+    ``timestamp`` (number; order within a user, ties broken by item id), and for every labelled
+    objective other than the first an optional 0/1 field of that name (missing = unlabelled).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ITEMS_FILE = "items.jsonl"
+INTERACTIONS_FILE = "interactions.jsonl"
+SCENARIO_FILE = "scenario.json"
+
+
+class DataError(ValueError):
+    """Malformed scenario data; the message names file, line and field."""
+
+
+@dataclass
+class Scenario:
+    """One scenario's catalog and interaction log, items as integer indices."""
+
+    name: str
+    objectives: tuple[str, ...]  # objectives with labels here (the first is engagement)
+    item_ids: list[str]
+    texts: list[str]
+    users: list[str]
+    sequences: list[np.ndarray]  # per user: item indices, oldest first
+    labels: dict[str, list[np.ndarray]]  # objective -> per user: 0/1 or nan, aligned with sequences
+    skipped: dict[str, int] = field(default_factory=dict)  # lenient mode: reason -> rows skipped
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+
+@dataclass
+class Split:
+    """Leave-one-out split: the last item of each user is test, the one before it validation."""
+
+    train: list[np.ndarray]  # per user: training sequence (every user, possibly all of it)
+    train_labels: dict[str, list[np.ndarray]]
+    eval_users: np.ndarray  # users with >= 3 interactions (they have a validation and a test item)
+    valid_target: np.ndarray  # (U,) item index
+    test_target: np.ndarray  # (U,)
+
+
+def leave_one_out(scenario: Scenario) -> Split:
+    """Split every user with at least three interactions: ..., validation, test."""
+    train, eval_users, valid, test = [], [], [], []
+    train_labels: dict[str, list[np.ndarray]] = {k: [] for k in scenario.labels}
+    for u, seq in enumerate(scenario.sequences):
+        cut = len(seq) - 2 if len(seq) >= 3 else len(seq)
+        train.append(seq[:cut])
+        for k, lab in scenario.labels.items():
+            train_labels[k].append(lab[u][:cut])
+        if cut < len(seq):
+            eval_users.append(u)
+            valid.append(seq[-2])
+            test.append(seq[-1])
+    return Split(
+        train=train,
+        train_labels=train_labels,
+        eval_users=np.asarray(eval_users, dtype=np.int64),
+        valid_target=np.asarray(valid, dtype=np.int64),
+        test_target=np.asarray(test, dtype=np.int64),
+    )
+
+
+def _read_jsonl(path: Path, lenient: bool, skipped: Counter[str]):  # type: ignore[no-untyped-def]
+    """Yield (line number, object) for every non-blank line; malformed lines raise or are skipped."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                if lenient:
+                    skipped[f"{path.name}: malformed JSON"] += 1
+                    continue
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({exc})") from None
+            yield lineno, obj
+
+
+def _field(obj: dict[str, Any], name: str, kind: str, where: str, required: bool = True) -> Any:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: field '{name}' is missing")
+        return None
+    if kind == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: field '{name}' must be a non-empty string, got {value!r}")
+    elif kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(f"{where}: field '{name}' must be a finite number, got {value!r}")
+    elif kind == "label":
+        if isinstance(value, bool) or value not in (0, 1):
+            raise DataError(f"{where}: field '{name}' must be 0 or 1, got {value!r}")
+    return value
+
+
+def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> Scenario:
+    """Load and validate one scenario folder in the canonical format.
+
+    Strict mode raises :class:`DataError` on the first bad row; lenient mode skips bad rows and
+    records how many were skipped and why in ``Scenario.skipped``.
+    """
+    folder = Path(folder)
+    meta_path = folder / SCENARIO_FILE
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: file not found (is {folder} a scenario folder?)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataError(f"{meta_path}: malformed JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: must hold a JSON object")
+    name = _field(meta, "name", "str", str(meta_path))
+    objectives = meta.get("objectives")
+    if not isinstance(objectives, list) or not objectives or not all(isinstance(o, str) for o in objectives):
+        raise DataError(f"{meta_path}: field 'objectives' must be a non-empty list of names")
+
+    skipped: Counter[str] = Counter()
+    item_index: dict[str, int] = {}
+    texts: list[str] = []
+    items_path = folder / ITEMS_FILE
+    for lineno, obj in _read_jsonl(items_path, lenient, skipped):
+        where = f"{items_path}:{lineno}"
+        try:
+            item_id = _field(obj, "item_id", "str", where)
+            text = _field(obj, "text", "str", where)
+            _field(obj, "category", "str", where, required=False)
+            _field(obj, "value", "number", where, required=False)
+            if item_id in item_index:
+                raise DataError(f"{where}: field 'item_id' {item_id!r} repeats an earlier item")
+        except DataError as exc:
+            if not lenient:
+                raise
+            skipped[f"{ITEMS_FILE}: {str(exc).split(': ', 1)[1]}"] += 1
+            continue
+        item_index[item_id] = len(texts)
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{items_path}: the catalog has no valid items")
+
+    labelled = [o for o in objectives[1:]]
+    rows: dict[str, list[tuple[float, int, list[float]]]] = {}
+    inter_path = folder / INTERACTIONS_FILE
+    for lineno, obj in _read_jsonl(inter_path, lenient, skipped):
+        where = f"{inter_path}:{lineno}"
+        try:
+            user = _field(obj, "user_id", "str", where)
+            item = _field(obj, "item_id", "str", where)
+            ts = _field(obj, "timestamp", "number", where)
+            if item not in item_index:
+                raise DataError(f"{where}: field 'item_id' {item!r} is not in {ITEMS_FILE}")
+            labs = [_field(obj, o, "label", where, required=False) for o in labelled]
+        except DataError as exc:
+            if not lenient:
+                raise
+            reason = str(exc).split(": ", 1)[1]
+            skipped[f"{INTERACTIONS_FILE}: {reason.split(' got ')[0].split(' {')[0]}"] += 1
+            continue
+        rows.setdefault(user, []).append(
+            (float(ts), item_index[item], [math.nan if v is None else float(v) for v in labs])
+        )
+    if not rows:
+        raise DataError(f"{inter_path}: the log has no valid interactions")
+
+    users = sorted(rows)
+    sequences: list[np.ndarray] = []
+    labels: dict[str, list[np.ndarray]] = {o: [] for o in labelled}
+    item_ids = list(item_index)
+    for user in users:
+        events = sorted(rows[user], key=lambda r: (r[0], item_ids[r[1]]))  # stable: time, then item id
+        sequences.append(np.asarray([e[1] for e in events], dtype=np.int64))
+        for j, o in enumerate(labelled):
+            labels[o].append(np.asarray([e[2][j] for e in events], dtype=np.float32))
+    return Scenario(
+        name=name,
+        objectives=tuple(objectives),
+        item_ids=item_ids,
+        texts=texts,
+        users=users,
+        sequences=sequences,
+        labels=labels,
+        skipped=dict(skipped),
+    )
+
+
+def write_scenario(folder: str | os.PathLike[str], scenario: Scenario, timestamps: list[np.ndarray]) -> None:
+    """Write a scenario in the canonical format, atomically (a temp folder renamed into place)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        meta = {"name": scenario.name, "objectives": list(scenario.objectives)}
+        (tmp / SCENARIO_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as fh:
+            for item_id, text in zip(scenario.item_ids, scenario.texts):
+                fh.write(json.dumps({"item_id": item_id, "text": text}) + "\n")
+        with (tmp / INTERACTIONS_FILE).open("w", encoding="utf-8") as fh:
+            for u, user in enumerate(scenario.users):
+                for j, item in enumerate(scenario.sequences[u]):
+                    row: dict[str, Any] = {
+                        "user_id": user,
+                        "item_id": scenario.item_ids[item],
+                        "timestamp": int(timestamps[u][j]),
+                    }
+                    for o, lab in scenario.labels.items():
+                        if not math.isnan(lab[u][j]):
+                            row[o] = int(lab[u][j])
+                    fh.write(json.dumps(row) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,142 @@
+"""Deterministic demo federation: three scenarios (shop, video, news) over shared latent topics.
+
+Item texts are real words drawn from twelve topics. Users of every scenario belong to one of six
+*personas*; a persona likes three topics that have nothing in common semantically (e.g. cooking,
+astronomy and football), so which topics go together is learned from behaviour, not from the
+pretrained encoder. Personas are the same in every scenario, but each scenario has few users with
+short histories: a scenario alone sees little evidence of the persona structure, the federation
+sees three times as much. That is the knowledge federation transfers.
+
+Sequences also have recency: the next item usually stays in the topic of the last one. Shop and
+video log a satisfaction label (driven by quality words in the text); news has clicks only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import Scenario, write_scenario
+
+TOPICS: dict[str, list[str]] = {
+    "outdoors": "hiking camping tent trail mountain backpack canoe forest compass lantern summit "
+    "campfire sleeping-bag kayak wilderness".split(),
+    "cooking": "recipe kitchen baking bread pasta spices chef oven soup garlic skillet dough "
+    "sauce dessert grill".split(),
+    "music": "guitar concert piano album jazz drums melody orchestra violin singer chorus "
+    "vinyl rhythm band symphony".split(),
+    "football": "football stadium league goalkeeper striker referee tournament coach penalty "
+    "jersey midfielder derby transfer kickoff trophy".split(),
+    "computing": "laptop processor software keyboard monitor programming server database "
+    "algorithm compiler motherboard graphics memory network cloud".split(),
+    "finance": "stocks investment savings mortgage dividend portfolio budget pension "
+    "inflation banking interest retirement tax bonds wallet".split(),
+    "fitness": "workout yoga running dumbbell protein stretching cardio marathon treadmill "
+    "pilates muscles gym cycling endurance squat".split(),
+    "travel": "airport hotel beach passport island cruise luggage resort itinerary "
+    "sightseeing boarding hostel tour destination souvenir".split(),
+    "gardening": "garden seeds soil compost tomato roses shovel greenhouse lawn pruning "
+    "watering hedge orchard tulips mulch".split(),
+    "astronomy": "telescope planet galaxy rocket orbit comet nebula eclipse satellite "
+    "asteroid cosmos observatory meteor lunar stargazing".split(),
+    "pets": "puppy kitten leash aquarium veterinarian parrot hamster grooming collar "
+    "birdcage terrier goldfish litter kennel paws".split(),
+    "fashion": "dress jacket sneakers handbag denim scarf leather boots blouse necklace "
+    "sweater tailoring runway cotton sunglasses".split(),
+}
+GENERIC = "new classic modern compact deluxe essential daily special weekly complete original".split()
+GOOD = "excellent durable acclaimed superb reliable".split()
+BAD = "flimsy mediocre disappointing faulty dull".split()
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """Shape of one demo scenario."""
+
+    name: str
+    template: str  # item text, with {words} for the topic words and {quality} for quality words
+    num_items: int
+    num_users: int
+    labelled: bool  # logs a satisfaction label
+
+
+DEMO_SCENARIOS = (
+    ScenarioSpec("shop", "{generic} {quality} {words} set for sale", 240, 360, True),
+    ScenarioSpec("video", "video: {quality} {generic} film about {words}", 240, 360, True),
+    ScenarioSpec("news", "news story: {generic} report on {words}", 300, 360, False),
+)
+PERSONA_TOPICS = 3
+STAY_PROBABILITY = 0.55  # chance the next item stays in the last item's topic
+
+
+def _personas(rng: np.random.Generator) -> np.ndarray:
+    """Six personas x three topics: the four triples of one random partition, two of another."""
+    names = list(TOPICS)
+    rows = [rng.permutation(len(names)).reshape(-1, PERSONA_TOPICS) for _ in range(2)]
+    return np.concatenate(rows)[: len(names) // 2]
+
+
+def _scenario(
+    spec: ScenarioSpec, personas: np.ndarray, rng: np.random.Generator, min_len: int, max_len: int
+) -> tuple[Scenario, list[np.ndarray]]:
+    topic_names = list(TOPICS)
+    item_topic = rng.integers(len(topic_names), size=spec.num_items)
+    good = rng.random(spec.num_items) < 0.5
+    popularity = rng.lognormal(0.0, 0.5, size=spec.num_items)
+    texts = []
+    for i in range(spec.num_items):
+        words = rng.choice(TOPICS[topic_names[item_topic[i]]], size=3, replace=False)
+        texts.append(
+            spec.template.format(
+                words=" ".join(words),
+                generic=rng.choice(GENERIC),
+                quality=rng.choice(GOOD if good[i] else BAD),
+            )
+        )
+    by_topic = [np.flatnonzero(item_topic == t) for t in range(len(topic_names))]
+    sequences, labels, stamps = [], [], []
+    for _ in range(spec.num_users):
+        liked = personas[rng.integers(len(personas))]
+        length = int(rng.integers(min_len, max_len + 1))
+        seq: list[int] = []
+        topic = int(rng.choice(liked))
+        for _ in range(length):
+            if seq and rng.random() >= STAY_PROBABILITY:
+                topic = int(rng.choice(liked))
+            pool = by_topic[topic]
+            weights = popularity[pool] * (pool != (seq[-1] if seq else -1))
+            seq.append(int(rng.choice(pool, p=weights / weights.sum())))
+        seq_arr = np.asarray(seq, dtype=np.int64)
+        sequences.append(seq_arr)
+        labels.append(np.where(good[seq_arr], rng.random(length) < 0.85, rng.random(length) < 0.2).astype(np.float32))
+        stamps.append(np.cumsum(rng.integers(60, 86_400, size=length)) + 1_600_000_000)
+    objectives = ("engagement", "satisfaction") if spec.labelled else ("engagement",)
+    scenario = Scenario(
+        name=spec.name,
+        objectives=objectives,
+        item_ids=[f"{spec.name}-{i:04d}" for i in range(spec.num_items)],
+        texts=texts,
+        users=[f"{spec.name}-user-{u:04d}" for u in range(spec.num_users)],
+        sequences=sequences,
+        labels={"satisfaction": labels} if spec.labelled else {},
+    )
+    return scenario, stamps
+
+
+def demo_federation(seed: int = 0, min_len: int = 4, max_len: int = 8) -> dict[str, tuple[Scenario, list[np.ndarray]]]:
+    """Build the three demo scenarios (with per-interaction timestamps); same seed, same data."""
+    rng = np.random.default_rng(seed)
+    personas = _personas(rng)
+    return {spec.name: _scenario(spec, personas, rng, min_len, max_len) for spec in DEMO_SCENARIOS}
+
+
+def write_demo_federation(folder: str | os.PathLike[str], seed: int = 0) -> list[str]:
+    """Write the demo federation in the canonical format, one sub-folder per scenario."""
+    names = []
+    for name, (scenario, stamps) in demo_federation(seed).items():
+        write_scenario(Path(folder) / name, scenario, stamps)
+        names.append(name)
+    return names

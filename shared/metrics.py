@@ -1,0 +1,50 @@
+"""Full-ranking metrics with ties counted in expectation (random tie-breaking).
+
+For one user, let ``g`` be the number of items scored strictly above the target and ``e`` the
+number of *other* items scored exactly like it. Under random tie-breaking the target's 0-based
+rank is uniform on ``g .. g+e``; every metric here is its exact expectation over that rank, so a
+tie never counts in the target's favour.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+METRIC_NAMES = ("hr@10", "ndcg@10", "mrr")
+
+
+def tie_counts(scores: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(g, e) per row of ``scores`` (U, N) for target item indices ``targets`` (U,)."""
+    target_scores = scores.gather(1, targets[:, None])  # (U, 1)
+    greater = (scores > target_scores).sum(1)
+    equal = (scores == target_scores).sum(1) - 1
+    return greater.cpu().numpy().astype(np.int64), equal.cpu().numpy().astype(np.int64)
+
+
+def expected_metrics(greater: np.ndarray, equal: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
+    """Per-user expected HR@k, NDCG@k and MRR given tie counts ``g`` and ``e``."""
+    greater = np.asarray(greater, dtype=np.int64)
+    equal = np.asarray(equal, dtype=np.int64)
+    if greater.shape != equal.shape or (greater < 0).any() or (equal < 0).any():
+        raise ValueError("greater and equal must be non-negative arrays of one shape")
+    n = equal + 1  # positions the target may take
+    last = greater + equal  # last possible 0-based rank
+    # positions below k: g .. min(last, k-1)
+    hits = np.clip(np.minimum(last, k - 1) - greater + 1, 0, None)
+    discount = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))])  # prefix sums
+    top = np.minimum(last, k - 1) + 1
+    dcg = np.where(hits > 0, discount[np.clip(top, 0, k)] - discount[np.clip(greater, 0, k)], 0.0)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(last.max(initial=0)) + 2))])
+    rr = harmonic[last + 1] - harmonic[greater]  # sum over ranks r of 1/(r+1)
+    return {f"hr@{k}": hits / n, f"ndcg@{k}": dcg / n, "mrr": rr / n}
+
+
+def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """Mean expected HR@k, NDCG@k and MRR over users; scores (U, N) over the full catalog."""
+    if scores.ndim != 2 or targets.shape != (scores.shape[0],):
+        raise ValueError(f"scores must be (U, N) and targets (U,), got {tuple(scores.shape)} and {tuple(targets.shape)}")
+    if scores.shape[0] == 0:
+        raise ValueError("no users to evaluate")
+    g, e = tie_counts(scores, targets)
+    return {name: float(v.mean()) for name, v in expected_metrics(g, e, k).items()}

@@ -1,0 +1,80 @@
+"""What travels between server and clients: record keys, encode/decode, validation.
+
+Only trainable parameters (LoRA adapters, user model, head) ever leave a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+ARRAYS = "arrays"  # ArrayRecord: trainable weights
+METRICS = "metrics"  # MetricRecord: numbers, incl. NUM_EXAMPLES
+CONFIG = "config"  # ConfigRecord: round settings (server -> client)
+INFO = "info"  # ConfigRecord: scenario name, refusal reasons (client -> server)
+NUM_EXAMPLES = "num-examples"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Copies of every trainable parameter, by name."""
+    return {n: p.detach().cpu().numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Set every trainable parameter from ``arrays``; names and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    problems = validate_arrays(arrays, {n: (tuple(p.shape), np.dtype("float32")) for n, p in params.items()})
+    if problems:
+        raise ValueError("cannot load weights: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(torch.from_numpy(np.asarray(arrays[name])))
+
+
+def to_arrayrecord(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+
+
+def from_arrayrecord(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: record[k].numpy() for k in record.keys()}
+
+
+def validate_arrays(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+) -> list[str]:
+    """Everything wrong with ``arrays`` against expected (shape, dtype) per key; empty when valid."""
+    problems = []
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing:
+        problems.append(f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    if extra:
+        problems.append(f"unexpected keys {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    for key in sorted(set(expected) & set(arrays)):
+        value = np.asarray(arrays[key])
+        shape, dtype = expected[key]
+        if value.shape != shape:
+            problems.append(f"'{key}' has shape {value.shape}, expected {shape}")
+        elif value.dtype != dtype:
+            problems.append(f"'{key}' has dtype {value.dtype}, expected {dtype}")
+        elif not np.isfinite(value).all():
+            problems.append(f"'{key}' has non-finite values")
+    return problems
+
+
+def weighted_average(states: list[Mapping[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Weighted mean of several states with identical keys (FedAvg); weights must be positive."""
+    if not states or len(states) != len(weights):
+        raise ValueError("need one positive weight per state")
+    total = float(sum(weights))
+    if not all(w > 0 for w in weights) or not np.isfinite(total):
+        raise ValueError(f"weights must be positive and finite, got {weights}")
+    return {
+        key: sum(np.asarray(s[key], dtype=np.float64) * (w / total) for s, w in zip(states, weights)).astype(  # type: ignore[union-attr]
+            states[0][key].dtype
+        )
+        for key in states[0]
+    }

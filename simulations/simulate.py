@@ -1,0 +1,119 @@
+"""The main job: a local federated simulation (one SuperNode per scenario) plus its reference points.
+
+1. writes the demo federation (or uses ``--data``) in the canonical format;
+2. starts a simulation SuperLink on loopback and submits the crossrec app with ``flwr run``
+   (the ServerApp writes ``metrics.jsonl``, a checkpoint per round and the final adapter);
+3. trains/scores the ``popularity`` and ``local`` references in-process on the same splits;
+4. writes ``summary.json``, ``report.md``, ``plots/`` and points ``runs/latest`` at the run folder.
+Every process it starts is stopped before it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+import tomllib
+from pathlib import Path
+
+from client.training import prepare
+from server.checkpoint import latest_checkpoint
+from server.launch import flwr_run, simulation_superlink
+from server.rounds import METRICS_FILE
+from shared.config import Config
+from shared.data import load_scenario
+from shared.demo import write_demo_federation
+
+from .references import local_rows, popularity_rows, select_rounds
+from .report import write_outputs
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def parse_overrides(text: str) -> dict[str, bool | int | float | str]:
+    """``"train.lr=0.01 data.scenarios='shop,news'"`` -> typed values (TOML syntax, bare words as strings)."""
+    out: dict[str, bool | int | float | str] = {}
+    for item in shlex.split(text or ""):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--run-config item {item!r} is not key=value")
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "runs", demo_seed: int = 0) -> Path:
+    """Run the main job; returns the run folder."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise RuntimeError(f"the Flower app is not at {APP_DIR}: install crossrec from a source checkout (pip install -e .)")
+    started = time.time()
+    run_dir = (Path(runs_dir) / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=False)
+    if data is None:
+        data_dir = run_dir / "data"
+        write_demo_federation(data_dir, seed=demo_seed)
+    else:
+        data_dir = Path(data).resolve()
+    overrides = {**parse_overrides(run_config), "data.dir": str(data_dir), "run.dir": str(run_dir)}
+    cfg = Config.from_run_config({**Config().to_flat(), **overrides})
+    datasets = [prepare(load_scenario(data_dir / name, lenient=cfg.data.lenient), cfg) for name in cfg.data.scenario_names]
+    print(f"crossrec: run folder {run_dir}")
+    for d in datasets:
+        print(f"  scenario {d.scenario.name}: {d.scenario.num_items} items, {len(d.scenario.users)} users, "
+              f"{d.scenario.num_interactions} interactions, {len(d.split.eval_users)} evaluated users")
+
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    print(f"crossrec: federated simulation, {len(datasets)} SuperNodes, {cfg.fed.rounds} rounds", flush=True)
+    flower = {**overrides, "train.threads": 1}  # one thread per simulated client: they run side by side
+    with simulation_superlink(run_dir / ".flwr", run_dir / "superlink.log"):
+        code = flwr_run(APP_DIR, run_dir / ".flwr", flower, num_supernodes=len(datasets))
+    timings["federated"] = time.time() - t0
+    final = latest_checkpoint(run_dir)
+    if code != 0 or final is None or final.name != f"round-{cfg.fed.rounds:04d}":
+        raise RuntimeError(f"the federated run did not finish (flwr run exit code {code}); see {run_dir}/superlink.log")
+
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    t0 = time.time()
+    pop = popularity_rows(datasets)
+    timings["popularity"] = time.time() - t0
+    t0 = time.time()
+    local = []
+    for d in datasets:
+        def show(row: dict[str, object]) -> None:
+            print(f"  local {row['scenario']} round {row['round']}/{cfg.fed.rounds}: "
+                  f"valid ndcg@10 {row['valid']['ndcg@10']:.4f}", flush=True)  # type: ignore[index]
+        print(f"crossrec: local reference for {d.scenario.name}", flush=True)
+        local += local_rows(cfg, d, show)
+    timings["local"] = time.time() - t0
+    with (run_dir / METRICS_FILE).open("a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in pop + local)
+
+    selected = {
+        "popularity": {str(r["scenario"]): r for r in pop},
+        "local": select_rounds(local),
+        "federated": select_rounds([r for r in rows if r["reference"] == "federated"]),
+    }
+    timings["total"] = time.time() - started
+    notes = [f"final checkpoint: {final.relative_to(run_dir)}; peft adapter: adapter/"]
+    result = write_outputs(run_dir, rows + pop + local, selected, timings, notes)
+    latest = Path(runs_dir).resolve() / "latest"
+    tmp_link = latest.with_name(".latest-tmp")
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(run_dir.name)
+    os.replace(tmp_link, latest)
+    print_table(result)
+    print(f"crossrec: done in {timings['total']:.0f}s; outputs in {latest} -> {run_dir.name}")
+    return run_dir
+
+
+def print_table(result: dict[str, object]) -> None:
+    scenarios: dict[str, dict[str, dict[str, float]]] = result["scenarios"]  # type: ignore[assignment]
+    print(f"\n{'scenario':10} {'reference':11} {'hr@10':>8} {'ndcg@10':>8} {'mrr':>8}")
+    for name, refs in scenarios.items():
+        for reference, m in refs.items():
+            print(f"{name:10} {reference:11} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['mrr']:8.4f}")
+    print()
