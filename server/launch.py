@@ -37,6 +37,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONWARNINGS="ignore",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # flower-superexec
     )
     return env
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -41,6 +42,8 @@ def resolve_encoder(name: str) -> str:
 def load_pretrained(name: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and frozen encoder (dropout off, no pooler), offline. Callers must not modify it."""
     path = resolve_encoder(name)
+    transformers.utils.logging.set_verbosity_error()  # the load report lists the unused pooler
+    transformers.utils.logging.disable_progress_bar()
     local = Path(path).is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 ARRAYS = "arrays"  # ArrayRecord: trainable weights
 METRICS = "metrics"  # MetricRecord: numbers, incl. NUM_EXAMPLES
@@ -35,7 +35,7 @@ def load_trainable(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> 
 
 
 def to_arrayrecord(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def from_arrayrecord(record: ArrayRecord) -> dict[str, np.ndarray]:
