@@ -97,14 +97,14 @@ def loss_fn(model: RecModel, history: torch.Tensor, target: torch.Tensor, labels
     hits[own, own] = False
     rank_logits = logits[..., 0].masked_fill(hits, -torch.inf)
     rank_loss = F.cross_entropy(rank_logits, own)
-    total, parts = rank_loss, {"loss_rank": float(rank_loss)}
+    total, parts = rank_loss, {"loss_rank": float(rank_loss.detach())}
     pair = logits[own, own]  # (B, K): logits of each user's own target
     for k in range(1, logits.shape[-1]):
         mask = ~torch.isnan(labels[:, k])
         bce = F.binary_cross_entropy_with_logits(pair[:, k], labels[:, k].nan_to_num(0.0), reduction="none")
         aux = (bce * mask).sum() / mask.sum().clamp(min=1)
         total = total + aux_weight * aux
-        parts[f"loss_aux{k}"] = float(aux)
+        parts[f"loss_aux{k}"] = float(aux.detach())
     return total, parts
 
 
@@ -123,7 +123,7 @@ def train_round(model: RecModel, data: LocalData, cfg: Config, server_round: int
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        for key, value in {"loss": float(loss), **parts}.items():
+        for key, value in {"loss": float(loss.detach()), **parts}.items():
             totals[key] = totals.get(key, 0.0) + value / cfg.train.local_steps
     model.eval()
     return totals

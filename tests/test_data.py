@@ -1,0 +1,92 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.data import DataError, leave_one_out, load_scenario, write_scenario
+from shared.demo import demo_federation
+
+
+def make_scenario(folder: Path, items: list[str], interactions: list[str], objectives=("engagement", "satisfaction")):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scenario.json").write_text(json.dumps({"name": "s", "objectives": list(objectives)}))
+    (folder / "items.jsonl").write_text("\n".join(items) + "\n")
+    (folder / "interactions.jsonl").write_text("\n".join(interactions) + "\n")
+    return folder
+
+
+ITEMS = ['{"item_id": "a", "text": "alpha"}', '{"item_id": "b", "text": "beta"}', '{"item_id": "c", "text": "gamma"}']
+GOOD = [
+    '{"user_id": "u1", "item_id": "b", "timestamp": 2, "satisfaction": 1}',
+    '{"user_id": "u1", "item_id": "a", "timestamp": 1}',
+    '{"user_id": "u1", "item_id": "c", "timestamp": 2, "satisfaction": 0}',
+    '{"user_id": "u2", "item_id": "a", "timestamp": 5}',
+]
+
+
+def test_load_orders_by_time_then_item_id(tmp_path):
+    sc = load_scenario(make_scenario(tmp_path / "s", ITEMS, GOOD))
+    assert sc.item_ids == ["a", "b", "c"]
+    assert sc.users == ["u1", "u2"]
+    assert sc.sequences[0].tolist() == [0, 1, 2]  # b and c tie at t=2: item id order
+    np.testing.assert_array_equal(sc.labels["satisfaction"][0], [np.nan, 1, 0])
+    split = leave_one_out(sc)
+    assert split.train[0].tolist() == [0] and split.valid_target.tolist() == [1] and split.test_target.tolist() == [2]
+    assert split.eval_users.tolist() == [0] and split.train[1].tolist() == [0]  # u2 too short: train only
+
+
+@pytest.mark.parametrize(
+    ("file", "lines", "message"),
+    [
+        ("items", ITEMS[:1] + ['{"item_id": "b"}'], r"items.jsonl:2: field 'text' is missing"),
+        ("items", ITEMS[:1] + ['{"item_id": "b", "text": ""}'], r"items.jsonl:2: field 'text' must be a non-empty"),
+        ("items", ITEMS[:1] + ['{"item_id": "a", "text": "x"}'], r"items.jsonl:2: field 'item_id' 'a' repeats"),
+        ("items", ITEMS[:1] + ['{"item_id": "b", "text": "x", "value": "cheap"}'], r"items.jsonl:2: field 'value'"),
+        ("items", ITEMS[:2] + ["{not json"], r"items.jsonl:3: malformed JSON"),
+        ("interactions", GOOD[:2] + ['{"user_id": "u1", "item_id": "zzz", "timestamp": 3}'],
+         r"interactions.jsonl:3: field 'item_id' 'zzz' is not in items.jsonl"),
+        ("interactions", ['{"user_id": "u1", "item_id": "a", "timestamp": "soon"}'],
+         r"interactions.jsonl:1: field 'timestamp' must be a finite number"),
+        ("interactions", ['{"user_id": "u1", "item_id": "a", "timestamp": NaN}'],
+         r"interactions.jsonl:1: field 'timestamp' must be a finite number"),
+        ("interactions", GOOD[:1] + ['{"user_id": "u1", "item_id": "a", "timestamp": 1, "satisfaction": 0.5}'],
+         r"interactions.jsonl:2: field 'satisfaction' must be 0 or 1"),
+        ("interactions", ['[1, 2]'], r"interactions.jsonl:1: malformed JSON line \(not a JSON object\)"),
+        ("interactions", ['{"item_id": "a", "timestamp": 1}'], r"interactions.jsonl:1: field 'user_id' is missing"),
+    ],
+)
+def test_malformed_files_name_file_line_and_field(tmp_path, file, lines, message):
+    items, inter = (lines, GOOD) if file == "items" else (ITEMS, lines)
+    with pytest.raises(DataError, match=message):
+        load_scenario(make_scenario(tmp_path / "s", items, inter))
+
+
+def test_lenient_skips_and_reports(tmp_path):
+    inter = GOOD + ['{"user_id": "u3", "item_id": "zzz", "timestamp": 1}', "{broken", '{"user_id": "u3"}']
+    sc = load_scenario(make_scenario(tmp_path / "s", ITEMS, inter), lenient=True)
+    assert sc.num_interactions == 4
+    assert sum(sc.skipped.values()) == 3
+    assert any("malformed JSON" in k for k in sc.skipped)
+
+
+def test_missing_files_and_empty_catalog(tmp_path):
+    with pytest.raises(DataError, match="scenario.json: file not found"):
+        load_scenario(tmp_path)
+    with pytest.raises(DataError, match="catalog has no valid items"):
+        load_scenario(make_scenario(tmp_path / "e", [""], GOOD))
+
+
+def test_demo_round_trips_exactly_through_the_canonical_format(tmp_path):
+    scenarios = demo_federation(seed=3)
+    again = demo_federation(seed=3)
+    for name, (sc, stamps) in scenarios.items():
+        write_scenario(tmp_path / name, sc, stamps)
+        loaded = load_scenario(tmp_path / name)
+        assert loaded.item_ids == sc.item_ids and loaded.texts == sc.texts
+        assert [s.tolist() for s in loaded.sequences] == [s.tolist() for s in sc.sequences]
+        for key in sc.labels:
+            for a, b in zip(loaded.labels[key], sc.labels[key]):
+                np.testing.assert_array_equal(a, b)
+        assert again[name][0].texts == sc.texts  # deterministic
+    assert not list(tmp_path.glob(".*"))  # no temp folders left

@@ -1,0 +1,96 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from client.training import build_model, prepare, train_round
+from shared.data import load_scenario
+from shared.model import RecModel, full_encoder_items, load_pretrained
+
+
+def mean_pool(model, texts, cfg):
+    tokenizer, base = load_pretrained(cfg.model.encoder)
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=cfg.model.max_length, return_tensors="pt")
+    hidden = base(**tokens).last_hidden_state
+    w = tokens["attention_mask"][..., None].float()
+    return F.normalize((hidden * w).sum(1) / w.sum(1), dim=-1)
+
+
+TEXTS = ["hiking tent trail for sale", "news story: jazz album report", "video: superb film about rocket orbit"]
+
+
+@torch.no_grad()
+def test_lora_at_init_equals_the_frozen_model(tiny_cfg):
+    model = RecModel(tiny_cfg)
+    assert torch.equal(full_encoder_items(model, TEXTS), mean_pool(model, TEXTS, tiny_cfg))
+
+
+@torch.no_grad()
+def test_cached_prefix_forward_equals_full_forward(tiny_cfg, demo_dir):
+    data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    for p in model.encoder.parameters():  # non-zero LoRA so the top layers really differ from the base
+        if p.requires_grad:
+            p.normal_(0, 0.5)
+    index = torch.arange(0, 40)
+    cached = model.encode_items(index)
+    full = full_encoder_items(model, [data.scenario.texts[i] for i in index])
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cached, mean_pool(model, [data.scenario.texts[i] for i in index], tiny_cfg), atol=1e-3)
+
+
+def test_only_adapters_user_model_and_head_are_trainable(tiny_cfg):
+    model = RecModel(tiny_cfg)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(("lora_" in n) or n.startswith(("user.", "head.")) for n in names)
+    lora = [n for n in names if "lora_" in n]
+    top = {str(i) for i in range(3 - tiny_cfg.lora.layers, 3)}
+    assert {n.split(".layer.")[1].split(".")[0] for n in lora} == top  # only the top layers
+    assert {n.split(".")[-4] for n in lora} == {"query", "value"}
+
+
+def test_training_moves_trainables_and_leaves_frozen_weights_bit_identical(tiny_cfg, demo_dir):
+    data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    stats = train_round(model, data, tiny_cfg, server_round=1)
+    assert stats["loss"] > 0
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    moved = [n for n, v in trainable.items() if not torch.equal(after[n], v)]
+    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
+    assert any(n.startswith("head.towers.1") for n in moved)  # the satisfaction objective trains too
+
+
+def test_objective_without_labels_keeps_its_parameters_in_the_backward_pass(tiny_cfg, demo_dir):
+    data = prepare(load_scenario(demo_dir / "news"), tiny_cfg)  # news has no satisfaction labels
+    model = build_model(tiny_cfg, data)
+    train_round(model, data, tiny_cfg, server_round=1)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["head.towers.1.weight"] is not None  # in the graph (with a zero-weighted loss)
+
+
+def test_lora_layers_beyond_depth_is_a_clear_error(tiny_cfg):
+    bad = dataclasses.replace(tiny_cfg, lora=dataclasses.replace(tiny_cfg.lora, layers=9))
+    with pytest.raises(ValueError, match="'lora.layers' = 9: the encoder has only 3 layers"):
+        RecModel(bad)
+
+
+def test_empty_history_is_a_clear_error(tiny_cfg, demo_dir):
+    data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    with pytest.raises(ValueError, match="at least one history item"):
+        model.user_vectors(torch.full((2, 4), -1), model.item_table())
+
+
+@pytest.mark.integration
+@torch.no_grad()
+def test_real_minilm_lora_at_init_equals_sentence_embedding():
+    from shared.config import Config
+
+    cfg = Config()
+    model = RecModel(cfg)
+    assert torch.equal(full_encoder_items(model, TEXTS), mean_pool(model, TEXTS, cfg))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 24_576  # q,v of layers 4-5, r=8
