@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared.config import Config
 from shared.data import load_scenario
-from shared.records import ARRAYS, CONFIG, INFO, METRICS, NUM_EXAMPLES, from_arrayrecord, load_trainable, to_arrayrecord, trainable_state
+from shared.model import RecModel
+from shared.records import (
+    ARRAYS,
+    CONFIG,
+    INFO,
+    METRICS,
+    NUM_EXAMPLES,
+    from_arrayrecord,
+    load_trainable,
+    to_arrayrecord,
+    trainable_state,
+)
 
 from .training import LocalData, build_model, evaluate, prepare, train_round
 
 app = ClientApp()
 
 
-def scenario_folder(cfg: Config, node_config: dict[str, object]) -> Path:
+def scenario_folder(cfg: Config, node_config: dict[str, bool | int | float | str]) -> Path:
     """Deployment: node config ``scenario`` + ``data-dir``; simulation: partition-id -> ``data.scenarios``."""
     if "data-dir" in node_config:
         return Path(str(node_config["data-dir"]))
     names = cfg.data.scenario_names
-    pid = int(node_config["partition-id"])  # type: ignore[call-overload]
+    pid = int(node_config["partition-id"])
     if pid >= len(names):
         raise ValueError(f"partition-id {pid} has no scenario: data.scenarios = {cfg.data.scenarios!r}")
     if not cfg.data.dir:
@@ -38,13 +50,15 @@ def setup(context: Context) -> tuple[Config, LocalData]:
     return cfg, prepare(scenario, cfg)
 
 
-def _reply(msg: Message, data: LocalData, metrics: dict[str, float], with_weights: object = None) -> Message:
-    content = RecordDict({
-        METRICS: MetricRecord({**metrics, NUM_EXAMPLES: data.num_examples}),
-        INFO: ConfigRecord({"scenario": data.scenario.name}),
-    })
+def _reply(msg: Message, data: LocalData, metrics: dict[str, float], with_weights: RecModel | None = None) -> Message:
+    content = RecordDict(
+        {
+            METRICS: MetricRecord({**metrics, NUM_EXAMPLES: data.num_examples}),
+            INFO: ConfigRecord({"scenario": data.scenario.name}),
+        }
+    )
     if with_weights is not None:
-        content[ARRAYS] = to_arrayrecord(trainable_state(with_weights))  # type: ignore[arg-type]
+        content[ARRAYS] = to_arrayrecord(trainable_state(with_weights))
     return Message(content=content, reply_to=msg)
 
 
@@ -53,8 +67,8 @@ def train(msg: Message, context: Context) -> Message:
     """Load the global weights, train locally, reply with the trainable weights only."""
     cfg, data = setup(context)
     model = build_model(cfg, data)
-    load_trainable(model, from_arrayrecord(msg.content[ARRAYS]))  # type: ignore[arg-type]
-    stats = train_round(model, data, cfg, int(msg.content[CONFIG]["server-round"]))  # type: ignore[index, call-overload]
+    load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
+    stats = train_round(model, data, cfg, cast(int, msg.content.config_records[CONFIG]["server-round"]))
     return _reply(msg, data, stats, with_weights=model)
 
 
@@ -63,5 +77,5 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Full-ranking metrics of the global weights on this scenario's validation and test splits."""
     cfg, data = setup(context)
     model = build_model(cfg, data)
-    load_trainable(model, from_arrayrecord(msg.content[ARRAYS]))  # type: ignore[arg-type]
+    load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
     return _reply(msg, data, evaluate(model, data, cfg))

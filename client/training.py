@@ -58,7 +58,9 @@ def round_rng(cfg: Config, scenario: str, server_round: int) -> np.random.Genera
     return np.random.default_rng([cfg.train.seed, zlib.crc32(scenario.encode()), server_round])
 
 
-def sample_batch(data: LocalData, cfg: Config, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_batch(
+    data: LocalData, cfg: Config, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training example per sampled user: history (B, T), target (B,), labels (B, K) with nan = none."""
     names = cfg.model.objective_names
     users = rng.choice(data.trainable_users, size=cfg.train.batch_size)
@@ -80,8 +82,15 @@ def sample_batch(data: LocalData, cfg: Config, rng: np.random.Generator) -> tupl
     )
 
 
-def loss_fn(model: RecModel, history: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
-            negatives: torch.Tensor, table: torch.Tensor, aux_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_fn(
+    model: RecModel,
+    history: torch.Tensor,
+    target: torch.Tensor,
+    labels: torch.Tensor,
+    negatives: torch.Tensor,
+    table: torch.Tensor,
+    aux_weight: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Sampled-softmax ranking loss over batch targets + shared negatives, plus masked BCE per objective.
 
     Objectives without a label in the batch contribute a zero-weighted loss, so every head

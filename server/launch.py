@@ -89,14 +89,21 @@ def simulation_superlink(flwr_home: Path, log_file: Path, startup_timeout: float
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
     )
     command = [
-        _executable("flower-superlink"), "--simulation", "--insecure",
+        _executable("flower-superlink"),
+        "--simulation",
+        "--insecure",
         "--disable-runtime-dependency-installation",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--database", str(flwr_home / "state.db"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(flwr_home / "state.db"),
     ]
     with log_file.open("ab") as log:
-        proc = subprocess.Popen(command, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
@@ -132,9 +139,15 @@ def flwr_run(
     """``flwr run APP CONNECTION --stream`` on the simulation SuperLink; returns its exit code."""
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     command = [
-        _executable("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-        "--run-config", overrides,
-        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+        _executable("flwr"),
+        "run",
+        str(app_dir),
+        CONNECTION,
+        "--stream",
+        "--run-config",
+        overrides,
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
     ]
     proc = subprocess.Popen(command, env=flower_env(flwr_home), start_new_session=True)
     try:

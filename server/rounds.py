@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,19 +36,23 @@ def initial_weights(cfg: Config) -> tuple[int, dict[str, np.ndarray], RecModel]:
     return 0, trainable_state(model), model
 
 
-def metric_lines(server_round: int, strategy: CrossrecFedAvg, reference: str = "federated") -> list[dict[str, object]]:
+def metric_lines(server_round: int, strategy: CrossrecFedAvg, reference: str = "federated") -> list[dict[str, Any]]:
     """One metrics.jsonl row per scenario: train stats and valid/test metrics of this round."""
     rows = []
     for scenario in sorted(set(strategy.train_metrics) | set(strategy.eval_metrics)):
         ev = strategy.eval_metrics.get(scenario, {})
-        rows.append({
-            "round": server_round,
-            "scenario": scenario,
-            "reference": reference,
-            "train": strategy.train_metrics.get(scenario, {}),
-            **{split: {k.split(".", 1)[1]: v for k, v in ev.items() if k.startswith(split + ".")}
-               for split in ("valid", "test")},
-        })
+        rows.append(
+            {
+                "round": server_round,
+                "scenario": scenario,
+                "reference": reference,
+                "train": strategy.train_metrics.get(scenario, {}),
+                **{
+                    split: {k.split(".", 1)[1]: v for k, v in ev.items() if k.startswith(split + ".")}
+                    for split in ("valid", "test")
+                },
+            }
+        )
     return rows
 
 
@@ -78,9 +83,14 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
         with (run_dir / METRICS_FILE).open("a") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in rows)
         save_checkpoint(
-            run_dir, server_round, from_arrayrecord(global_record), cfg,
-            {"metrics": {r["scenario"]: {"valid": r["valid"], "test": r["test"]} for r in rows},
-             "dropped": strategy.dropped},
+            run_dir,
+            server_round,
+            from_arrayrecord(global_record),
+            cfg,
+            {
+                "metrics": {r["scenario"]: {"valid": r["valid"], "test": r["test"]} for r in rows},
+                "dropped": strategy.dropped,
+            },
         )
         summary = ", ".join(f"{r['scenario']} ndcg@10 {r['valid'].get('ndcg@10', float('nan')):.4f}" for r in rows)
         log.info("[ROUND %d/%d] done in %.1fs: valid %s", server_round, cfg.fed.rounds, time.time() - started, summary)

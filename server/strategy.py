@@ -5,12 +5,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from typing import cast
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from shared.records import ARRAYS, INFO, METRICS, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord, validate_arrays, weighted_average
+from shared.records import (
+    ARRAYS,
+    INFO,
+    METRICS,
+    NUM_EXAMPLES,
+    from_arrayrecord,
+    to_arrayrecord,
+    validate_arrays,
+    weighted_average,
+)
 
 log = logging.getLogger("flwr").getChild("crossrec")  # streamed by `flwr run --stream`
 
@@ -42,8 +52,10 @@ def reply_problem(msg: Message, expected: Expected | None) -> str | None:
             return f"metric '{key}' is not a finite number: {value!r}"
     if expected is None:
         return None
-    if content.config_records.get(INFO, {}).get("refused"):
-        return f"client refused: {content.config_records[INFO]['refused']}"
+    info = content.config_records.get(INFO)
+    refused = info.get("refused") if info is not None else None
+    if refused:
+        return f"client refused: {refused!r}"
     examples = metrics.get(NUM_EXAMPLES)
     if not isinstance(examples, (int, float)) or not examples > 0:
         return f"metric '{NUM_EXAMPLES}' must be positive, got {examples!r}"
@@ -95,7 +107,7 @@ class CrossrecFedAvg(FedAvg):
             return None, None
         states = [from_arrayrecord(m.content.array_records[ARRAYS]) for m in accepted]
         weights = [
-            float(m.content.metric_records[METRICS][NUM_EXAMPLES]) if self.weighting == "examples" else 1.0
+            float(cast(float, m.content.metric_records[METRICS][NUM_EXAMPLES])) if self.weighting == "examples" else 1.0
             for m in accepted
         ]
         average = weighted_average(states, weights)
@@ -108,7 +120,7 @@ class CrossrecFedAvg(FedAvg):
         return MetricRecord(_mean(self.eval_metrics.values())) if accepted else None
 
 
-def _mean(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:
+def _mean(rows: Iterable[Mapping[str, float]]) -> dict[str, int | float | list[int] | list[float]]:
     rows = list(rows)
     keys = set.intersection(*(set(r) for r in rows)) if rows else set()
     return {k: float(np.mean([r[k] for r in rows])) for k in sorted(keys)}

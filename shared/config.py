@@ -171,17 +171,15 @@ class Config:
                 _fail(key, value, f"must be of type {expected.__name__}")
             group, name = key.split(".", 1)
             groups[group][name.replace("-", "_")] = value
-        sections = {f.name: f.default_factory() for f in fields(cls)}  # type: ignore[misc]
-        return cls(**{g: dataclasses.replace(sections[g], **kv) for g, kv in groups.items()})
+        base = cls()
+        return cls(**{g: dataclasses.replace(getattr(base, g), **kv) for g, kv in groups.items()})
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         """The flat run-config form, the inverse of :meth:`from_run_config`."""
         flat: dict[str, bool | int | float | str] = {}
         for section in fields(self):
             for f in fields(getattr(self, section.name)):
-                flat[f"{section.name}.{f.name.replace('_', '-')}"] = getattr(
-                    getattr(self, section.name), f.name
-                )
+                flat[f"{section.name}.{f.name.replace('_', '-')}"] = getattr(getattr(self, section.name), f.name)
         return flat
 
     def model_hash(self) -> str:

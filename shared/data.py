@@ -228,7 +228,7 @@ def write_scenario(folder: str | os.PathLike[str], scenario: Scenario, timestamp
         meta = {"name": scenario.name, "objectives": list(scenario.objectives)}
         (tmp / SCENARIO_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as fh:
-            for item_id, text in zip(scenario.item_ids, scenario.texts):
+            for item_id, text in zip(scenario.item_ids, scenario.texts, strict=True):
                 fh.write(json.dumps({"item_id": item_id, "text": text}) + "\n")
         with (tmp / INTERACTIONS_FILE).open("w", encoding="utf-8") as fh:
             for u, user in enumerate(scenario.users):

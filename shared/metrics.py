@@ -43,7 +43,9 @@ def expected_metrics(greater: np.ndarray, equal: np.ndarray, k: int = 10) -> dic
 def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> dict[str, float]:
     """Mean expected HR@k, NDCG@k and MRR over users; scores (U, N) over the full catalog."""
     if scores.ndim != 2 or targets.shape != (scores.shape[0],):
-        raise ValueError(f"scores must be (U, N) and targets (U,), got {tuple(scores.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"scores must be (U, N) and targets (U,), got {tuple(scores.shape)} and {tuple(targets.shape)}"
+        )
     if scores.shape[0] == 0:
         raise ValueError("no users to evaluate")
     g, e = tie_counts(scores, targets)

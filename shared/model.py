@@ -17,6 +17,7 @@ import copy
 import functools
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -87,12 +88,11 @@ class UserEncoder(nn.Module):
     def __init__(self, dim: int, history: int, hidden: int) -> None:
         super().__init__()
         self.recency = nn.Embedding(history, dim)  # position 0 = most recent item
-        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        last = nn.Linear(hidden, 1)
+        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), last)
         self.out = nn.Linear(dim, dim)
-        for layer in (self.recency, self.score[2], self.out):  # at init: plain mean of the history
-            nn.init.zeros_(layer.weight)
-            if getattr(layer, "bias", None) is not None:
-                nn.init.zeros_(layer.bias)
+        for param in (self.recency.weight, last.weight, last.bias, self.out.weight, self.out.bias):
+            nn.init.zeros_(param)  # at init: the plain mean of the history
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """items (B, T, H) most recent first, mask (B, T) -> user vectors (B, H), unit norm."""
@@ -118,7 +118,7 @@ class MultiObjectiveHead(nn.Module):
         nn.init.constant_(self.similarity.weight, 10.0)
         nn.init.zeros_(self.similarity.bias)
         for tower in self.towers:  # at init the ranking logit is the scaled cosine alone
-            nn.init.zeros_(tower.weight)
+            nn.init.zeros_(cast(nn.Linear, tower).weight)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """users (B, H), items (C, H), both unit norm -> logits (B, C, K) for every pair."""
@@ -163,7 +163,7 @@ class RecModel(nn.Module):
 
     @property
     def bert(self) -> PreTrainedModel:
-        return self.encoder.base_model.model  # type: ignore[no-any-return]
+        return cast(PreTrainedModel, self.encoder.base_model.model)
 
     def attach_catalog(self, texts: list[str]) -> None:
         """Compute (or fetch from cache) the frozen-prefix states of a catalog's item texts."""
@@ -188,7 +188,7 @@ class RecModel(nn.Module):
         mask = mask[:, :length]
         hidden = self._prefix[index, :length]  # (B, L, H)
         attention = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=mask)
-        for layer in self.bert.encoder.layer[self.frozen_layers :]:
+        for layer in getattr(self.bert, "encoder").layer[self.frozen_layers :]:  # noqa: B009 - typed as Module
             hidden = layer(hidden, attention)
         weights = mask[..., None].to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1)  # (B, H)

@@ -5,7 +5,7 @@ Only trainable parameters (LoRA adapters, user model, head) ever leave a client.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -65,16 +65,17 @@ def validate_arrays(
     return problems
 
 
-def weighted_average(states: list[Mapping[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+def weighted_average(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
     """Weighted mean of several states with identical keys (FedAvg); weights must be positive."""
     if not states or len(states) != len(weights):
         raise ValueError("need one positive weight per state")
     total = float(sum(weights))
     if not all(w > 0 for w in weights) or not np.isfinite(total):
         raise ValueError(f"weights must be positive and finite, got {weights}")
-    return {
-        key: sum(np.asarray(s[key], dtype=np.float64) * (w / total) for s, w in zip(states, weights)).astype(  # type: ignore[union-attr]
-            states[0][key].dtype
-        )
-        for key in states[0]
-    }
+    out = {}
+    for key in states[0]:
+        acc = np.zeros(np.shape(states[0][key]), dtype=np.float64)
+        for s, w in zip(states, weights, strict=True):
+            acc += np.asarray(s[key], dtype=np.float64) * (w / total)
+        out[key] = acc.astype(states[0][key].dtype)
+    return out

@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crossrec", description="Federated multi-scenario recommendation.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a local federated simulation with its reference points")
-    sim.add_argument("--run-config", default="", help="overrides, e.g. \"fed.rounds=4 train.lr=0.001\"")
+    sim.add_argument("--run-config", default="", help='overrides, e.g. "fed.rounds=4 train.lr=0.001"')
     sim.add_argument("--data", default=None, help="folder of scenario folders (default: the demo federation)")
     sim.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
     sim.add_argument("--demo-seed", type=int, default=0, help="seed of the demo federation")

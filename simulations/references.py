@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from client.training import LocalData, build_model, evaluate, popularity_metrics, train_round
 from shared.config import Config
 
-Row = dict[str, object]
+Row = dict[str, Any]
 
 
 def split_metrics(flat: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -20,8 +21,10 @@ def split_metrics(flat: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 def popularity_rows(datasets: Iterable[LocalData]) -> list[Row]:
-    return [{"round": 0, "scenario": d.scenario.name, "reference": "popularity", **split_metrics(popularity_metrics(d))}
-            for d in datasets]
+    return [
+        {"round": 0, "scenario": d.scenario.name, "reference": "popularity", **split_metrics(popularity_metrics(d))}
+        for d in datasets
+    ]
 
 
 def local_rows(cfg: Config, data: LocalData, on_row: Callable[[Row], None] | None = None) -> list[Row]:
@@ -30,8 +33,13 @@ def local_rows(cfg: Config, data: LocalData, on_row: Callable[[Row], None] | Non
     rows: list[Row] = []
     for server_round in range(1, cfg.fed.rounds + 1):
         stats = train_round(model, data, cfg, server_round)
-        row: Row = {"round": server_round, "scenario": data.scenario.name, "reference": "local", "train": stats,
-                    **split_metrics(evaluate(model, data, cfg))}
+        row: Row = {
+            "round": server_round,
+            "scenario": data.scenario.name,
+            "reference": "local",
+            "train": stats,
+            **split_metrics(evaluate(model, data, cfg)),
+        }
         rows.append(row)
         if on_row:
             on_row(row)
@@ -47,12 +55,12 @@ def select_rounds(rows: list[Row], metric: str = "ndcg@10") -> dict[str, Row]:
     chosen: dict[str, Row] = {}
     by_round: dict[int, list[Row]] = {}
     for row in rows:
-        by_round.setdefault(int(row["round"]), []).append(row)  # type: ignore[call-overload]
+        by_round.setdefault(int(row["round"]), []).append(row)
     if rows and rows[0]["reference"] == "federated":
-        best = max(sorted(by_round), key=lambda r: sum(x["valid"][metric] for x in by_round[r]) / len(by_round[r]))  # type: ignore[index]
+        best = max(sorted(by_round), key=lambda r: sum(x["valid"][metric] for x in by_round[r]) / len(by_round[r]))
         return {str(x["scenario"]): x for x in by_round[best]}
-    for row in sorted(rows, key=lambda x: int(x["round"])):  # type: ignore[call-overload]
+    for row in sorted(rows, key=lambda x: int(x["round"])):
         name = str(row["scenario"])
-        if name not in chosen or row["valid"][metric] > chosen[name]["valid"][metric]:  # type: ignore[index]
+        if name not in chosen or row["valid"][metric] > chosen[name]["valid"][metric]:
             chosen[name] = row
     return chosen

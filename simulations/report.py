@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from shared.metrics import METRIC_NAMES  # noqa: E402
 
-Row = dict[str, object]
+Row = dict[str, Any]
 PROTOCOL = (
     "leave-one-out per user (interactions ordered by timestamp, ties by item id): last item = test, "
     "second-to-last = validation; full ranking over the scenario's whole catalog, nothing masked; "
@@ -21,14 +22,14 @@ PROTOCOL = (
 )
 
 
-def summary(selected: dict[str, dict[str, Row]]) -> dict[str, object]:
+def summary(selected: dict[str, dict[str, Row]]) -> dict[str, Any]:
     """``{"protocol": ..., "scenarios": {NAME: {REFERENCE: {METRIC: test value}}}, "rounds": ...}``."""
     scenarios: dict[str, dict[str, dict[str, float]]] = {}
     rounds: dict[str, dict[str, int]] = {}
     for reference, rows in selected.items():
         for name, row in rows.items():
-            scenarios.setdefault(name, {})[reference] = {m: float(row["test"][m]) for m in METRIC_NAMES}  # type: ignore[index]
-            rounds.setdefault(name, {})[reference] = int(row["round"])  # type: ignore[call-overload]
+            scenarios.setdefault(name, {})[reference] = {m: float(row["test"][m]) for m in METRIC_NAMES}
+            rounds.setdefault(name, {})[reference] = int(row["round"])
     return {"protocol": PROTOCOL, "scenarios": scenarios, "selected_round": rounds}
 
 
@@ -39,14 +40,17 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     paths = []
     for metric in METRIC_NAMES:
         fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.4), squeeze=False)
-        for ax, name in zip(axes[0], scenarios):
+        for ax, name in zip(axes[0], scenarios, strict=True):
             for reference in ("federated", "local", "popularity"):
-                pts = sorted((int(r["round"]), float(r["valid"][metric]))  # type: ignore[call-overload, index]
-                             for r in rows if r["scenario"] == name and r["reference"] == reference)
+                pts = sorted(
+                    (int(r["round"]), float(r["valid"][metric]))
+                    for r in rows
+                    if r["scenario"] == name and r["reference"] == reference
+                )
                 if reference == "popularity" and pts:
                     ax.axhline(pts[0][1], color="grey", linestyle="--", label="popularity")
                 elif pts:
-                    ax.plot(*zip(*pts), marker="o", label=reference)
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=reference)
             ax.set_title(name)
             ax.set_xlabel("round")
             ax.set_ylabel(f"validation {metric}")
@@ -60,27 +64,40 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     return paths
 
 
-def markdown(result: dict[str, object], timings: dict[str, float], notes: list[str]) -> str:
+def markdown(result: dict[str, Any], timings: dict[str, float], notes: list[str]) -> str:
     """The run's report.md."""
-    lines = ["# crossrec run report", "", f"**Protocol.** {result['protocol']}.", "",
-             "## Test metrics", "", "| scenario | reference | round | " + " | ".join(METRIC_NAMES) + " |",
-             "|---|---|---:|" + "---:|" * len(METRIC_NAMES)]
-    scenarios: dict[str, dict[str, dict[str, float]]] = result["scenarios"]  # type: ignore[assignment]
-    rounds: dict[str, dict[str, int]] = result["selected_round"]  # type: ignore[assignment]
+    lines = [
+        "# crossrec run report",
+        "",
+        f"**Protocol.** {result['protocol']}.",
+        "",
+        "## Test metrics",
+        "",
+        "| scenario | reference | round | " + " | ".join(METRIC_NAMES) + " |",
+        "|---|---|---:|" + "---:|" * len(METRIC_NAMES),
+    ]
+    scenarios: dict[str, dict[str, dict[str, float]]] = result["scenarios"]
+    rounds: dict[str, dict[str, int]] = result["selected_round"]
     for name, refs in scenarios.items():
         for reference, metrics in refs.items():
             values = " | ".join(f"{metrics[m]:.4f}" for m in METRIC_NAMES)
             lines.append(f"| {name} | {reference} | {rounds[name][reference]} | {values} |")
-    lines += ["", "Round 0 = not trained. Plots of validation metrics per round: `plots/*.png`.", "",
-              "## Wall time", ""]
+    lines += [
+        "",
+        "Round 0 = not trained. Plots of validation metrics per round: `plots/*.png`.",
+        "",
+        "## Wall time",
+        "",
+    ]
     lines += [f"- {k}: {v:.1f} s" for k, v in timings.items()]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(run_dir: Path, rows: list[Row], selected: dict[str, dict[str, Row]],
-                  timings: dict[str, float], notes: list[str]) -> dict[str, object]:
+def write_outputs(
+    run_dir: Path, rows: list[Row], selected: dict[str, dict[str, Row]], timings: dict[str, float], notes: list[str]
+) -> dict[str, Any]:
     result = summary(selected)
     result["wall_seconds"] = timings
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -16,6 +16,7 @@ import shlex
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from client.training import prepare
 from server.checkpoint import latest_checkpoint
@@ -48,7 +49,9 @@ def parse_overrides(text: str) -> dict[str, bool | int | float | str]:
 def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "runs", demo_seed: int = 0) -> Path:
     """Run the main job; returns the run folder."""
     if not (APP_DIR / "pyproject.toml").is_file():
-        raise RuntimeError(f"the Flower app is not at {APP_DIR}: install crossrec from a source checkout (pip install -e .)")
+        raise RuntimeError(
+            f"the Flower app is not at {APP_DIR}: install crossrec from a source checkout (pip install -e .)"
+        )
     started = time.time()
     run_dir = (Path(runs_dir) / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -59,11 +62,15 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
         data_dir = Path(data).resolve()
     overrides = {**parse_overrides(run_config), "data.dir": str(data_dir), "run.dir": str(run_dir)}
     cfg = Config.from_run_config({**Config().to_flat(), **overrides})
-    datasets = [prepare(load_scenario(data_dir / name, lenient=cfg.data.lenient), cfg) for name in cfg.data.scenario_names]
+    datasets = [
+        prepare(load_scenario(data_dir / name, lenient=cfg.data.lenient), cfg) for name in cfg.data.scenario_names
+    ]
     print(f"crossrec: run folder {run_dir}")
     for d in datasets:
-        print(f"  scenario {d.scenario.name}: {d.scenario.num_items} items, {len(d.scenario.users)} users, "
-              f"{d.scenario.num_interactions} interactions, {len(d.split.eval_users)} evaluated users")
+        print(
+            f"  scenario {d.scenario.name}: {d.scenario.num_items} items, {len(d.scenario.users)} users, "
+            f"{d.scenario.num_interactions} interactions, {len(d.split.eval_users)} evaluated users"
+        )
 
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -83,9 +90,14 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     t0 = time.time()
     local = []
     for d in datasets:
-        def show(row: dict[str, object]) -> None:
-            print(f"  local {row['scenario']} round {row['round']}/{cfg.fed.rounds}: "
-                  f"valid ndcg@10 {row['valid']['ndcg@10']:.4f}", flush=True)  # type: ignore[index]
+
+        def show(row: dict[str, Any]) -> None:
+            print(
+                f"  local {row['scenario']} round {row['round']}/{cfg.fed.rounds}: "
+                f"valid ndcg@10 {row['valid']['ndcg@10']:.4f}",
+                flush=True,
+            )
+
         print(f"crossrec: local reference for {d.scenario.name}", flush=True)
         local += local_rows(cfg, d, show)
     timings["local"] = time.time() - t0
@@ -110,8 +122,8 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     return run_dir
 
 
-def print_table(result: dict[str, object]) -> None:
-    scenarios: dict[str, dict[str, dict[str, float]]] = result["scenarios"]  # type: ignore[assignment]
+def print_table(result: dict[str, Any]) -> None:
+    scenarios: dict[str, dict[str, dict[str, float]]] = result["scenarios"]
     print(f"\n{'scenario':10} {'reference':11} {'hr@10':>8} {'ndcg@10':>8} {'mrr':>8}")
     for name, refs in scenarios.items():
         for reference, m in refs.items():

@@ -19,14 +19,22 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("tiny-bert")
     words = {w for ws in TOPICS.values() for w in ws} | set(GENERIC) | set(GOOD) | set(BAD)
     for spec in DEMO_SCENARIOS:
-        words |= set(re.findall(r"[a-z]+", spec.template.replace("{words}", "").replace("{generic}", "").replace("{quality}", "")))
+        words |= set(
+            re.findall(
+                r"[a-z]+", spec.template.replace("{words}", "").replace("{generic}", "").replace("{quality}", "")
+            )
+        )
     words = {p for w in words for p in re.split(r"[^a-z]+", w) if p}
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "-", ":"] + sorted(words)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     import torch
 

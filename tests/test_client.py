@@ -18,8 +18,11 @@ def test_train_reply_carries_only_trainable_weights_and_metrics(tiny_cfg, demo_d
     _, weights, model = initial_weights(tiny_cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    msg = Message(RecordDict({ARRAYS: to_arrayrecord(weights), CONFIG: ConfigRecord({"server-round": 1})}),
-                  dst_node_id=2, message_type="train")
+    msg = Message(
+        RecordDict({ARRAYS: to_arrayrecord(weights), CONFIG: ConfigRecord({"server-round": 1})}),
+        dst_node_id=2,
+        message_type="train",
+    )
     out = train(msg, context(tiny_cfg, demo_dir, partition=1))
     assert set(out.content.keys()) == {ARRAYS, METRICS, INFO}
     sent = from_arrayrecord(out.content.array_records[ARRAYS])
@@ -33,8 +36,11 @@ def test_train_reply_carries_only_trainable_weights_and_metrics(tiny_cfg, demo_d
 
 def test_evaluate_reply_has_full_ranking_metrics_and_no_weights(tiny_cfg, demo_dir):
     _, weights, _ = initial_weights(tiny_cfg)
-    msg = Message(RecordDict({ARRAYS: to_arrayrecord(weights), CONFIG: ConfigRecord({"server-round": 1})}),
-                  dst_node_id=3, message_type="evaluate")
+    msg = Message(
+        RecordDict({ARRAYS: to_arrayrecord(weights), CONFIG: ConfigRecord({"server-round": 1})}),
+        dst_node_id=3,
+        message_type="evaluate",
+    )
     out = evaluate_global(msg, context(tiny_cfg, demo_dir, partition=2))
     assert ARRAYS not in out.content.array_records
     metrics = out.content.metric_records[METRICS]

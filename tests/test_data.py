@@ -44,15 +44,27 @@ def test_load_orders_by_time_then_item_id(tmp_path):
         ("items", ITEMS[:1] + ['{"item_id": "a", "text": "x"}'], r"items.jsonl:2: field 'item_id' 'a' repeats"),
         ("items", ITEMS[:1] + ['{"item_id": "b", "text": "x", "value": "cheap"}'], r"items.jsonl:2: field 'value'"),
         ("items", ITEMS[:2] + ["{not json"], r"items.jsonl:3: malformed JSON"),
-        ("interactions", GOOD[:2] + ['{"user_id": "u1", "item_id": "zzz", "timestamp": 3}'],
-         r"interactions.jsonl:3: field 'item_id' 'zzz' is not in items.jsonl"),
-        ("interactions", ['{"user_id": "u1", "item_id": "a", "timestamp": "soon"}'],
-         r"interactions.jsonl:1: field 'timestamp' must be a finite number"),
-        ("interactions", ['{"user_id": "u1", "item_id": "a", "timestamp": NaN}'],
-         r"interactions.jsonl:1: field 'timestamp' must be a finite number"),
-        ("interactions", GOOD[:1] + ['{"user_id": "u1", "item_id": "a", "timestamp": 1, "satisfaction": 0.5}'],
-         r"interactions.jsonl:2: field 'satisfaction' must be 0 or 1"),
-        ("interactions", ['[1, 2]'], r"interactions.jsonl:1: malformed JSON line \(not a JSON object\)"),
+        (
+            "interactions",
+            GOOD[:2] + ['{"user_id": "u1", "item_id": "zzz", "timestamp": 3}'],
+            r"interactions.jsonl:3: field 'item_id' 'zzz' is not in items.jsonl",
+        ),
+        (
+            "interactions",
+            ['{"user_id": "u1", "item_id": "a", "timestamp": "soon"}'],
+            r"interactions.jsonl:1: field 'timestamp' must be a finite number",
+        ),
+        (
+            "interactions",
+            ['{"user_id": "u1", "item_id": "a", "timestamp": NaN}'],
+            r"interactions.jsonl:1: field 'timestamp' must be a finite number",
+        ),
+        (
+            "interactions",
+            GOOD[:1] + ['{"user_id": "u1", "item_id": "a", "timestamp": 1, "satisfaction": 0.5}'],
+            r"interactions.jsonl:2: field 'satisfaction' must be 0 or 1",
+        ),
+        ("interactions", ["[1, 2]"], r"interactions.jsonl:1: malformed JSON line \(not a JSON object\)"),
         ("interactions", ['{"item_id": "a", "timestamp": 1}'], r"interactions.jsonl:1: field 'user_id' is missing"),
     ],
 )
@@ -86,7 +98,7 @@ def test_demo_round_trips_exactly_through_the_canonical_format(tmp_path):
         assert loaded.item_ids == sc.item_ids and loaded.texts == sc.texts
         assert [s.tolist() for s in loaded.sequences] == [s.tolist() for s in sc.sequences]
         for key in sc.labels:
-            for a, b in zip(loaded.labels[key], sc.labels[key]):
+            for a, b in zip(loaded.labels[key], sc.labels[key], strict=True):
                 np.testing.assert_array_equal(a, b)
         assert again[name][0].texts == sc.texts  # deterministic
     assert not list(tmp_path.glob(".*"))  # no temp folders left

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 def overrides(cfg: Config, **extra) -> str:
-    changed = {k: v for k, v in cfg.to_flat().items() if Config().to_flat()[k] != v and not k.startswith(("data.", "run."))}
+    changed = {
+        k: v for k, v in cfg.to_flat().items() if Config().to_flat()[k] != v and not k.startswith(("data.", "run."))
+    }
     return " ".join(f"{k}={toml_value(v)}" for k, v in (changed | extra).items())
 
 
@@ -46,8 +48,14 @@ def test_simulation_end_to_end_then_resume_from_round_1(tiny_cfg, tmp_path):
     fed = [(r["round"], r["scenario"]) for r in rows if r["reference"] == "federated"]
     assert sorted(fed) == sorted((r, s) for r in (1, 2) for s in ("shop", "video", "news"))
     assert len([r for r in rows if r["reference"] == "local"]) == 6
-    for name in ("report.md", "plots/ndcg_at_10.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "checkpoints/round-0001/weights.safetensors", "checkpoints/round-0002/meta.json"):
+    for name in (
+        "report.md",
+        "plots/ndcg_at_10.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoints/round-0001/weights.safetensors",
+        "checkpoints/round-0002/meta.json",
+    ):
         assert (first / name).is_file(), name
     meta = json.loads((first / "checkpoints/round-0002/meta.json").read_text())
     assert meta["round"] == 2 and set(meta["metrics"]) == {"shop", "video", "news"}

@@ -10,11 +10,13 @@ GLOBAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
 
 def reply(node: int, arrays: dict, examples: float = 10, scenario: str | None = None) -> Message:
     request = Message(RecordDict(), dst_node_id=node, message_type="train")
-    content = RecordDict({
-        ARRAYS: to_arrayrecord(arrays),
-        METRICS: MetricRecord({"loss": 1.0 * node, NUM_EXAMPLES: examples}),
-        INFO: ConfigRecord({"scenario": scenario or f"s{node}"}),
-    })
+    content = RecordDict(
+        {
+            ARRAYS: to_arrayrecord(arrays),
+            METRICS: MetricRecord({"loss": 1.0 * node, NUM_EXAMPLES: examples}),
+            INFO: ConfigRecord({"scenario": scenario or f"s{node}"}),
+        }
+    )
     return Message(content=content, reply_to=request)
 
 
@@ -58,16 +60,23 @@ def bad(kind: str) -> Message:
     elif kind == "examples":
         return reply(9, arrays, examples=0)
     elif kind == "error":
-        return Message(Error(code=1, reason="boom"), reply_to=Message(RecordDict(), dst_node_id=9, message_type="train"))
+        return Message(
+            Error(code=1, reason="boom"), reply_to=Message(RecordDict(), dst_node_id=9, message_type="train")
+        )
     return reply(9, arrays)
 
 
 @pytest.mark.parametrize(
     ("kind", "reason"),
-    [("nan", "'a' has non-finite values"), ("shape", "'b' has shape (5,), expected (4,)"),
-     ("dtype", "'b' has dtype float64"), ("missing", "missing keys ['b']"),
-     ("extra", "unexpected keys ['frozen.weight']"), ("examples", "'num-examples' must be positive"),
-     ("error", "client error: boom")],
+    [
+        ("nan", "'a' has non-finite values"),
+        ("shape", "'b' has shape (5,), expected (4,)"),
+        ("dtype", "'b' has dtype float64"),
+        ("missing", "missing keys ['b']"),
+        ("extra", "unexpected keys ['frozen.weight']"),
+        ("examples", "'num-examples' must be positive"),
+        ("error", "client error: boom"),
+    ],
 )
 def test_bad_reply_is_dropped_with_a_reason(kind, reason):
     assert reason in reply_problem(bad(kind), expected_from(GLOBAL))
@@ -86,10 +95,21 @@ def test_too_few_valid_replies_leaves_no_new_model():
 def test_evaluate_keeps_metrics_per_scenario():
     s = strategy()
     request = Message(RecordDict(), dst_node_id=1, message_type="evaluate")
-    ok = Message(RecordDict({METRICS: MetricRecord({"valid.ndcg@10": 0.5, NUM_EXAMPLES: 3}),
-                             INFO: ConfigRecord({"scenario": "news"})}), reply_to=request)
-    nan = Message(RecordDict({METRICS: MetricRecord({"valid.ndcg@10": float("nan"), NUM_EXAMPLES: 3}),
-                              INFO: ConfigRecord({"scenario": "shop"})}), reply_to=request)
+    ok = Message(
+        RecordDict(
+            {METRICS: MetricRecord({"valid.ndcg@10": 0.5, NUM_EXAMPLES: 3}), INFO: ConfigRecord({"scenario": "news"})}
+        ),
+        reply_to=request,
+    )
+    nan = Message(
+        RecordDict(
+            {
+                METRICS: MetricRecord({"valid.ndcg@10": float("nan"), NUM_EXAMPLES: 3}),
+                INFO: ConfigRecord({"scenario": "shop"}),
+            }
+        ),
+        reply_to=request,
+    )
     agg = s.aggregate_evaluate(1, [ok, nan])
     assert s.eval_metrics == {"news": {"valid.ndcg@10": 0.5, NUM_EXAMPLES: 3}}
     assert agg["valid.ndcg@10"] == 0.5
