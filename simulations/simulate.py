@@ -54,14 +54,12 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
         )
     started = time.time()
     run_dir = (Path(runs_dir) / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    data_dir = run_dir / "data" if data is None else Path(data).resolve()
+    overrides = {**parse_overrides(run_config), "data.dir": str(data_dir), "run.dir": str(run_dir)}
+    cfg = Config.from_run_config({**Config().to_flat(), **overrides})  # validate before anything is written
     run_dir.mkdir(parents=True, exist_ok=False)
     if data is None:
-        data_dir = run_dir / "data"
         write_demo_federation(data_dir, seed=demo_seed)
-    else:
-        data_dir = Path(data).resolve()
-    overrides = {**parse_overrides(run_config), "data.dir": str(data_dir), "run.dir": str(run_dir)}
-    cfg = Config.from_run_config({**Config().to_flat(), **overrides})
     datasets = [
         prepare(load_scenario(data_dir / name, lenient=cfg.data.lenient), cfg) for name in cfg.data.scenario_names
     ]

@@ -1,10 +1,12 @@
 """The ClientApp handlers called with real Flower messages: what leaves a client."""
 
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.app import evaluate_global, train
+from client.app import evaluate_global, setup, train
 from server.rounds import initial_weights
+from shared.config import Config
 from shared.records import ARRAYS, CONFIG, INFO, METRICS, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord
 
 
@@ -48,3 +50,28 @@ def test_evaluate_reply_has_full_ranking_metrics_and_no_weights(tiny_cfg, demo_d
         for name in ("hr@10", "ndcg@10", "mrr"):
             assert 0.0 <= metrics[f"{split}.{name}"] <= 1.0
     assert out.content.config_records[INFO]["scenario"] == "news"
+
+
+def test_node_config_picks_the_scenario_folder(tiny_cfg, demo_dir):
+    from client.app import scenario_folder
+
+    cfg = tiny_cfg
+    assert scenario_folder(cfg, {"scenario": "news", "data-dir": str(demo_dir / "news")}) == demo_dir / "news"
+    with_dir = Config.from_run_config(cfg.to_flat() | {"data.dir": str(demo_dir)})
+    assert scenario_folder(with_dir, {"partition-id": 0, "num-partitions": 3}) == demo_dir / "shop"
+    with pytest.raises(ValueError, match="partition-id 3 has no scenario"):
+        scenario_folder(with_dir, {"partition-id": 3, "num-partitions": 4})
+    with pytest.raises(ValueError, match="'data.dir' is empty"):
+        scenario_folder(cfg, {"partition-id": 0, "num-partitions": 3})
+
+
+def test_node_config_scenario_must_match_the_data(tiny_cfg, demo_dir):
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"scenario": "shop", "data-dir": str(demo_dir / "news")},
+        state=RecordDict(),
+        run_config=tiny_cfg.to_flat(),
+    )
+    with pytest.raises(ValueError, match="scenario='shop' but the data folder holds scenario 'news'"):
+        setup(ctx)
