@@ -15,7 +15,7 @@ users; what the scenarios share is how people behave towards content:
   all scenarios).
 
 Shop and video log a satisfaction label (driven by quality words in the text); news has clicks only.
-
+"""
 
 from __future__ import annotations
 
