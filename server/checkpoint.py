@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from shared.config import Config
+from shared.files import atomic_folder
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "meta.json"
@@ -26,18 +25,10 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/round-NNNN/`` atomically (temp folder renamed into place)."""
     final = checkpoint_dir(run_dir, server_round)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-    try:
+    with atomic_folder(final) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / WEIGHTS_FILE))
         record = {"round": server_round, "model_hash": cfg.model_hash(), "config": cfg.to_flat(), **meta}
         (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import atomic_folder
 
 ITEMS_FILE = "items.jsonl"
 INTERACTIONS_FILE = "interactions.jsonl"
@@ -222,9 +222,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
 def write_scenario(folder: str | os.PathLike[str], scenario: Scenario, timestamps: list[np.ndarray]) -> None:
     """Write a scenario in the canonical format, atomically (a temp folder renamed into place)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         meta = {"name": scenario.name, "objectives": list(scenario.objectives)}
         (tmp / SCENARIO_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as fh:
@@ -242,9 +240,3 @@ def write_scenario(folder: str | os.PathLike[str], scenario: Scenario, timestamp
                         if not math.isnan(lab[u][j]):
                             row[o] = int(lab[u][j])
                     fh.write(json.dumps(row) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
