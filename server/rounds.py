@@ -13,11 +13,11 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
+from shared.checkpoint import export_adapter, load_checkpoint, save_checkpoint
 from shared.config import Config
 from shared.model import RecModel
 from shared.records import from_arrayrecord, load_trainable, to_arrayrecord, trainable_state
 
-from .checkpoint import export_adapter, load_checkpoint, save_checkpoint
 from .strategy import CrossrecFedAvg, expected_from
 
 log = logging.getLogger("flwr").getChild("crossrec")  # streamed by `flwr run --stream`

@@ -3,7 +3,7 @@
 Every key has its default here and the same default in ``pyproject.toml``
 (``[tool.flwr.app.config]``); ``tests/test_config.py`` checks that both agree.
 Keys are grouped by dotted prefix: ``model.*``, ``lora.*``, ``train.*``, ``fed.*``,
-``data.*``, ``run.*``.
+``data.*``, ``run.*``, ``serve.*``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -146,6 +147,37 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """Defaults of the recommendation service (a request may override weights and diversity)."""
+
+    weights: str = ""  # objective weights, comma-separated in model.objectives order; "" = ranking objective only
+    diversity: float = 0.0  # MMR lambda: 0 = plain top-k by utility, 1 = diversity only
+    value_weight: float = 0.0  # weight of the catalog's normalised item value in the utility
+    mmr_pool: int = 200  # MMR re-ranks this many top-utility candidates
+    max_k: int = 100  # largest k a request may ask for
+
+    def __post_init__(self) -> None:
+        if self.weights:
+            try:
+                values = [float(w) for w in _names(self.weights)]
+            except ValueError:
+                values = [-1.0]
+            if any(not math.isfinite(w) or w < 0 for w in values) or not sum(values) > 0:
+                _fail("serve.weights", self.weights, "needs non-negative numbers with a positive sum")
+        if not 0.0 <= self.diversity <= 1.0:
+            _fail("serve.diversity", self.diversity, "must be in [0, 1]")
+        if not math.isfinite(self.value_weight):
+            _fail("serve.value-weight", self.value_weight, "must be finite")
+        for key in ("mmr_pool", "max_k"):
+            if getattr(self, key) < 1:
+                _fail(f"serve.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
+
+    @property
+    def weight_values(self) -> tuple[float, ...]:
+        return tuple(float(w) for w in _names(self.weights))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of a crossrec run."""
 
@@ -155,6 +187,7 @@ class Config:
     fed: FedConfig = field(default_factory=FedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Config:

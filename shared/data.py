@@ -48,6 +48,7 @@ class Scenario:
     users: list[str]
     sequences: list[np.ndarray]  # per user: item indices, oldest first
     labels: dict[str, list[np.ndarray]]  # objective -> per user: 0/1 or nan, aligned with sequences
+    values: np.ndarray | None = None  # (N,) item value (price, margin, ...), nan where unknown; None: no values
     skipped: dict[str, int] = field(default_factory=dict)  # lenient mode: reason -> rows skipped
 
     @property
@@ -154,6 +155,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
     skipped: Counter[str] = Counter()
     item_index: dict[str, int] = {}
     texts: list[str] = []
+    values: list[float] = []
     items_path = folder / ITEMS_FILE
     for lineno, obj in _read_jsonl(items_path, lenient, skipped):
         where = f"{items_path}:{lineno}"
@@ -161,7 +163,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
             item_id = _field(obj, "item_id", "str", where)
             text = _field(obj, "text", "str", where)
             _field(obj, "category", "str", where, required=False)
-            _field(obj, "value", "number", where, required=False)
+            value = _field(obj, "value", "number", where, required=False)
             if item_id in item_index:
                 raise DataError(f"{where}: field 'item_id' {item_id!r} repeats an earlier item")
         except DataError as exc:
@@ -171,6 +173,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
             continue
         item_index[item_id] = len(texts)
         texts.append(text)
+        values.append(math.nan if value is None else float(value))
     if not texts:
         raise DataError(f"{items_path}: the catalog has no valid items")
 
@@ -215,6 +218,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
         users=users,
         sequences=sequences,
         labels=labels,
+        values=None if all(math.isnan(v) for v in values) else np.asarray(values, dtype=np.float32),
         skipped=dict(skipped),
     )
 
@@ -226,8 +230,11 @@ def write_scenario(folder: str | os.PathLike[str], scenario: Scenario, timestamp
         meta = {"name": scenario.name, "objectives": list(scenario.objectives)}
         (tmp / SCENARIO_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as fh:
-            for item_id, text in zip(scenario.item_ids, scenario.texts, strict=True):
-                fh.write(json.dumps({"item_id": item_id, "text": text}) + "\n")
+            for i, (item_id, text) in enumerate(zip(scenario.item_ids, scenario.texts, strict=True)):
+                record: dict[str, Any] = {"item_id": item_id, "text": text}
+                if scenario.values is not None and not math.isnan(scenario.values[i]):
+                    record["value"] = float(scenario.values[i])
+                fh.write(json.dumps(record) + "\n")
         with (tmp / INTERACTIONS_FILE).open("w", encoding="utf-8") as fh:
             for u, user in enumerate(scenario.users):
                 for j, item in enumerate(scenario.sequences[u]):

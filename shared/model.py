@@ -132,6 +132,34 @@ class MultiObjectiveHead(nn.Module):
         cosine = (users @ items.T)[..., None]  # (B, C, 1)
         return logits + F.pad(self.similarity(cosine), (0, self.objectives - 1))
 
+    @torch.no_grad()
+    def item_features(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-item parts of :meth:`fast_scores`, computed once per catalog: pv, pv-terms of experts and gates."""
+        h = self.hidden
+        pv = self.item_proj(items)  # (N, h)
+        experts = pv @ self.experts.weight[:, 2 * h :].T + self.experts.bias  # (N, E*h)
+        gates = pv @ self.gates.weight[:, 2 * h :].T + self.gates.bias  # (N, K*E)
+        return pv, experts, gates
+
+    @torch.no_grad()
+    def fast_scores(
+        self, users: torch.Tensor, items: torch.Tensor, features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Same logits as :meth:`forward` for one user (1, H) against all items (N, H), without
+        materialising the pair features: the expert/gate layers are split over [pu*pv, pu, pv]."""
+        h = self.hidden
+        pv, item_experts, item_gates = features
+        pu = self.user_proj(users)[0]  # (h,)
+        we, wg = self.experts.weight, self.gates.weight
+        experts = pv @ (we[:, :h] * pu).T + (we[:, h : 2 * h] @ pu) + item_experts  # (N, E*h)
+        gates = pv @ (wg[:, :h] * pu).T + (wg[:, h : 2 * h] @ pu) + item_gates  # (N, K*E)
+        experts = F.relu(experts).unflatten(-1, (self.num_experts, self.hidden))  # (N, E, h)
+        gates = gates.unflatten(-1, (self.objectives, self.num_experts)).softmax(-1)  # (N, K, E)
+        mixed = gates @ experts  # (N, K, h)
+        logits = torch.cat([tower(mixed[:, k]) for k, tower in enumerate(self.towers)], dim=-1)  # (N, K)
+        cosine = (items @ users[0])[:, None]  # (N, 1)
+        return (logits + F.pad(self.similarity(cosine), (0, self.objectives - 1)))[None]  # (1, N, K)
+
 
 class RecModel(nn.Module):
     """Frozen encoder with LoRA on its top layers, user model and multi-objective head."""

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from client.training import prepare
-from server.checkpoint import latest_checkpoint
 from server.launch import flwr_run, simulation_superlink
 from server.rounds import METRICS_FILE
+from shared.checkpoint import latest_checkpoint
 from shared.config import Config
 from shared.data import load_scenario
 from shared.demo import write_demo_federation

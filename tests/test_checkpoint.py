@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from shared.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from shared.config import Config
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from shared.config import Config
-from shared.files import atomic_folder
+from .config import Config
+from .files import atomic_folder
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "meta.json"
@@ -63,3 +63,15 @@ def export_adapter(model: Any, folder: str | Path) -> None:
         if p.requires_grad and not n.startswith("encoder.")
     }
     save_file(rest, str(folder / "crossrec_head.safetensors"))
+
+
+def read_checkpoint(path: str | Path) -> tuple[Config, Path, dict[str, np.ndarray]]:
+    """(config it was trained with, checkpoint folder, weights) of a checkpoint folder or a run folder (latest round)."""
+    path = Path(path)
+    folder = path if (path / META_FILE).is_file() else latest_checkpoint(path)
+    if folder is None or not (folder / WEIGHTS_FILE).is_file():
+        raise ValueError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
+    meta = json.loads((folder / META_FILE).read_text())
+    cfg = Config.from_run_config(meta["config"])
+    _, weights, _ = load_checkpoint(folder, cfg)
+    return cfg, folder, weights
