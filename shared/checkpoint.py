@@ -66,7 +66,7 @@ def export_adapter(model: Any, folder: str | Path) -> None:
 
 
 def read_checkpoint(path: str | Path) -> tuple[Config, Path, dict[str, np.ndarray]]:
-    """(config it was trained with, checkpoint folder, weights) of a checkpoint folder or a run folder (latest round)."""
+    """(training config, checkpoint folder, weights) of a checkpoint folder or a run folder (its latest round)."""
     path = Path(path)
     folder = path if (path / META_FILE).is_file() else latest_checkpoint(path)
     if folder is None or not (folder / WEIGHTS_FILE).is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,24 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo-data", help="write the demo federation in the canonical format")
     demo.add_argument("out", help="output folder (one sub-folder per scenario)")
     demo.add_argument("--seed", type=int, default=0)
+    for name, text in (("recommend", "print recommendations from a checkpoint"), ("serve", "run the HTTP service")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest round)")
+        p.add_argument("--data", required=True, action="append", help="a scenario folder (repeat for several)")
+        p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "crossrec"), help="item-vector cache")
+        p.add_argument("--run-config", default="", help='serve.* overrides, e.g. "serve.diversity=0.2"')
+        if name == "serve":
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=8000)
+        else:
+            p.add_argument("--scenario", default=None, help="default: the only scenario given")
+            p.add_argument("--user", default=None, help="a user id of the scenario's log")
+            p.add_argument("--history", default=None, help="comma-separated item ids, oldest first")
+            p.add_argument("--history-text", action="append", default=None, help="a free item text (repeat)")
+            p.add_argument("--k", type=int, default=10)
+            p.add_argument("--weights", default=None, help='e.g. "engagement=1,satisfaction=0.5"')
+            p.add_argument("--diversity", type=float, default=None)
+            p.add_argument("--exclude-seen", action="store_true")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -30,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             from shared.demo import write_demo_federation
 
             print("wrote", ", ".join(write_demo_federation(args.out, seed=args.seed)), "to", args.out)
+        elif args.command in ("recommend", "serve"):
+            from .serving_cli import recommend, serve
+
+            (recommend if args.command == "recommend" else serve)(args)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"crossrec: error: {exc}", file=sys.stderr)
         return 1

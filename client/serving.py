@@ -1,0 +1,186 @@
+"""Recommendations from a federated checkpoint on a scenario's own catalog.
+
+Item vectors (and the head's per-item features) are computed once per (checkpoint, catalog) and
+cached on disk, keyed by the hashes of the checkpoint weights and the catalog texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.checkpoint import WEIGHTS_FILE, read_checkpoint
+from shared.config import Config, ServeConfig
+from shared.data import Scenario, load_scenario
+from shared.model import RecModel, full_encoder_items
+from shared.records import load_trainable
+
+from .ranking import mmr, utility
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered as asked; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a caller asks for. Exactly one of ``user_id``, ``history`` and ``history_texts``."""
+
+    scenario: str
+    user_id: str | None = None
+    history: Sequence[str] | None = None  # item ids of this scenario, oldest first
+    history_texts: Sequence[str] | None = None  # free item texts (e.g. from another scenario), oldest first
+    k: int = 10
+    weights: Mapping[str, float] | None = None  # objective -> weight; default serve.weights
+    diversity: float | None = None  # MMR lambda; default serve.diversity
+    exclude_seen: bool = False
+
+
+@dataclass
+class Catalog:
+    """One scenario's catalog as the service needs it."""
+
+    scenario: Scenario
+    index: dict[str, int]  # item id -> row
+    histories: dict[str, np.ndarray]  # user id -> item rows, oldest first
+    table: torch.Tensor  # (N, H) item vectors
+    features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # head's per-item features
+    values: torch.Tensor | None  # (N,) item values
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def catalog_hash(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+class Recommender:
+    """A loaded checkpoint plus the catalogs of the scenarios it serves."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        scenarios: Sequence[str | Path],
+        cache_dir: str | Path | None = None,
+        serve: ServeConfig | None = None,
+    ) -> None:
+        cfg, folder, weights = read_checkpoint(checkpoint)
+        self.cfg: Config = dataclasses.replace(cfg, serve=serve) if serve is not None else cfg
+        self.checkpoint = folder
+        self.checkpoint_id = file_hash(folder / WEIGHTS_FILE)
+        self.model = RecModel(self.cfg)
+        load_trainable(self.model, weights)
+        self.model.eval()
+        self.objectives = self.cfg.model.objective_names
+        self.catalogs: dict[str, Catalog] = {}
+        for path in scenarios:
+            scenario = load_scenario(path, lenient=self.cfg.data.lenient)
+            if scenario.name in self.catalogs:
+                raise ValueError(f"{path}: scenario '{scenario.name}' is given twice")
+            self.catalogs[scenario.name] = self._catalog(scenario, cache_dir)
+
+    def _catalog(self, scenario: Scenario, cache_dir: str | Path | None) -> Catalog:
+        key = f"{self.checkpoint_id}-{catalog_hash(scenario.texts)}.pt"
+        cached = Path(cache_dir) / key if cache_dir else None
+        if cached is not None and cached.is_file():
+            table = torch.load(cached)
+        else:
+            self.model.attach_catalog(scenario.texts)
+            table = self.model.item_table()
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(".tmp")
+                torch.save(table, tmp)
+                tmp.replace(cached)
+        values = None if scenario.values is None else torch.from_numpy(scenario.values)
+        return Catalog(
+            scenario=scenario,
+            index={item: i for i, item in enumerate(scenario.item_ids)},
+            histories=dict(zip(scenario.users, scenario.sequences, strict=True)),
+            table=table,
+            features=self.model.head.item_features(table),
+            values=values,
+        )
+
+    def _weights(self, request: Request) -> torch.Tensor:
+        if request.weights is None:
+            default = self.cfg.serve.weight_values or (1.0,) + (0.0,) * (len(self.objectives) - 1)
+            return torch.tensor(default, dtype=torch.float32)
+        unknown = sorted(set(request.weights) - set(self.objectives))
+        if unknown:
+            raise RequestError(f"weights: unknown objectives {unknown}; this model has {list(self.objectives)}")
+        values = [float(request.weights.get(o, 0.0)) for o in self.objectives]
+        if any(not math.isfinite(w) or w < 0 for w in values) or not sum(values) > 0:
+            raise RequestError(
+                f"weights: need finite, non-negative values with a positive sum, got {dict(request.weights)}"
+            )
+        return torch.tensor(values, dtype=torch.float32)
+
+    def _user(self, request: Request, catalog: Catalog) -> tuple[torch.Tensor, np.ndarray]:
+        """(user vector (1, H), the catalog rows of the history, for exclusion)."""
+        given = [x is not None for x in (request.user_id, request.history, request.history_texts)]
+        if sum(given) != 1:
+            raise RequestError("give exactly one of user_id, history (item ids) or history_texts")
+        length = self.cfg.model.history
+        if request.history_texts is not None:
+            texts = [t for t in request.history_texts if isinstance(t, str) and t.strip()]
+            if not texts or len(texts) != len(request.history_texts):
+                raise RequestError("history_texts must be a non-empty list of non-empty strings")
+            vectors = full_encoder_items(self.model, list(texts[::-1][:length]))  # (T, H), most recent first
+            return self.model.user(vectors[None], torch.ones(1, len(vectors), dtype=torch.bool)), np.zeros(0, np.int64)
+        if request.user_id is not None:
+            if request.user_id not in catalog.histories:
+                raise RequestError(f"user_id '{request.user_id}' has no history in scenario '{request.scenario}'")
+            rows = catalog.histories[request.user_id]
+        else:
+            assert request.history is not None
+            if len(request.history) == 0:
+                raise RequestError("history is empty: give at least one item id")
+            unknown = [i for i in request.history if i not in catalog.index]
+            if unknown:
+                raise RequestError(f"history: unknown item ids {unknown[:5]} in scenario '{request.scenario}'")
+            rows = np.asarray([catalog.index[i] for i in request.history], dtype=np.int64)
+        recent = torch.from_numpy(rows[::-1][:length].copy())[None]  # (1, T) most recent first
+        return self.model.user_vectors(recent, catalog.table), rows
+
+    @torch.no_grad()
+    def recommend(self, request: Request) -> list[dict[str, object]]:
+        """Top-k items: utility = weighted objective probabilities (+ value term), then MMR."""
+        catalog = self.catalogs.get(request.scenario)
+        if catalog is None:
+            raise RequestError(f"unknown scenario '{request.scenario}'; this service has {sorted(self.catalogs)}")
+        if not 1 <= request.k <= self.cfg.serve.max_k:
+            raise RequestError(f"k must be between 1 and {self.cfg.serve.max_k}, got {request.k}")
+        diversity = self.cfg.serve.diversity if request.diversity is None else request.diversity
+        if not 0.0 <= diversity <= 1.0:
+            raise RequestError(f"diversity must be in [0, 1], got {diversity}")
+        weights = self._weights(request)
+        user, seen = self._user(request, catalog)
+        probs = torch.sigmoid(self.model.head.fast_scores(user, catalog.table, catalog.features)[0])  # (N, K)
+        scores = utility(probs, weights, catalog.values, self.cfg.serve.value_weight)
+        if request.exclude_seen and len(seen):
+            scores[torch.from_numpy(seen)] = -torch.inf
+        top = mmr(scores, catalog.table, request.k, diversity, self.cfg.serve.mmr_pool)
+        sc = catalog.scenario
+        return [
+            {
+                "item_id": sc.item_ids[i],
+                "text": sc.texts[i],
+                "score": float(scores[i]),
+                "objectives": {o: float(probs[i, j]) for j, o in enumerate(self.objectives)},
+            }
+            for i in top
+        ]

@@ -1,0 +1,70 @@
+"""``crossrec recommend`` and ``crossrec serve``: argument handling around client.serving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+
+from client.serving import Recommender, Request, RequestError
+from shared.config import Config
+
+from .simulate import parse_overrides
+
+
+def serve_config(text: str) -> Config:
+    overrides = parse_overrides(text)
+    bad = [k for k in overrides if not k.startswith("serve.")]
+    if bad:
+        raise ValueError(f"--run-config: only serve.* keys can change at serving time, got {bad}")
+    return Config.from_run_config(overrides)
+
+
+def load(args: argparse.Namespace, checkpoint: str) -> Recommender:
+    return Recommender(checkpoint, args.data, args.cache_dir, serve=serve_config(args.run_config).serve)
+
+
+def parse_weights(text: str | None) -> dict[str, float] | None:
+    if text is None:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--weights item {part!r} is not objective=number") from None
+        if not sep:
+            raise ValueError(f"--weights item {part!r} is not objective=number")
+    return out
+
+
+def recommend(args: argparse.Namespace) -> None:
+    rec = load(args, args.checkpoint)
+    scenario = args.scenario or (next(iter(rec.catalogs)) if len(rec.catalogs) == 1 else None)
+    if scenario is None:
+        raise ValueError(f"--scenario is needed: the service has {sorted(rec.catalogs)}")
+    request = Request(
+        scenario=scenario,
+        user_id=args.user,
+        history=args.history.split(",") if args.history else None,
+        history_texts=args.history_text,
+        k=args.k,
+        weights=parse_weights(args.weights),
+        diversity=args.diversity,
+        exclude_seen=args.exclude_seen,
+    )
+    try:
+        items = rec.recommend(request)
+    except RequestError as exc:
+        raise ValueError(str(exc)) from None
+    print(json.dumps({"scenario": scenario, "checkpoint": rec.checkpoint_id, "items": items}, indent=2))
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from client.service import create_app
+
+    app = create_app(load(args, args.checkpoint), partial(load, args))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
