@@ -125,7 +125,7 @@ class Recommender:
         values = [float(request.weights.get(o, 0.0)) for o in self.objectives]
         if any(not math.isfinite(w) or w < 0 for w in values) or not sum(values) > 0:
             raise RequestError(
-                f"weights: need finite, non-negative values with a positive sum, got {dict(request.weights)}"
+                f"weights: need finite, non-negative numbers summing to > 0, got {dict(request.weights)}"
             )
         return torch.tensor(values, dtype=torch.float32)
 

@@ -1,0 +1,203 @@
+"""The HTTP service on a real uvicorn server on 127.0.0.1, started and stopped by the tests."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from client.serving import Recommender, Request
+from server.launch import free_port, stop_tree
+from shared.checkpoint import save_checkpoint
+from shared.model import RecModel
+from shared.records import trainable_state
+
+pytestmark = pytest.mark.serving
+
+
+def make_checkpoint(cfg, folder, seed):
+    torch.manual_seed(seed)
+    model = RecModel(cfg)
+    for p in model.parameters():  # a non-trivial model: random adapters and head
+        if p.requires_grad:
+            torch.nn.init.normal_(p, 0, 0.2)
+    return save_checkpoint(folder, 1, trainable_state(model), cfg, {})
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_encoder, demo_dir):
+    import dataclasses
+
+    from shared.config import Config
+
+    cfg = Config()
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, encoder=tiny_encoder, head_hidden=16, history=8)
+    )
+    root = tmp_path_factory.mktemp("serve")
+    first, second = make_checkpoint(cfg, root / "a", 1), make_checkpoint(cfg, root / "b", 2)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulations.cli",
+            "serve",
+            "--checkpoint",
+            str(first),
+            "--port",
+            str(port),
+            "--data",
+            str(demo_dir / "video"),
+            "--data",
+            str(demo_dir / "news"),
+            "--cache-dir",
+            str(root / "cache"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode())
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        yield {"url": url, "first": first, "second": second, "cfg": cfg, "root": root}
+    finally:
+        stop_tree(proc)
+
+
+def post(service, body, path="/recommend"):
+    return httpx.post(service["url"] + path, json=body, timeout=30)
+
+
+def test_health_and_openapi(service):
+    health = httpx.get(service["url"] + "/health").json()
+    assert health["status"] == "ok" and health["scenarios"] == ["news", "video"]
+    schema = httpx.get(service["url"] + "/openapi.json").json()
+    fields = schema["components"]["schemas"]["RecommendRequest"]["properties"]
+    assert {"scenario", "user_id", "history", "history_texts", "k", "weights", "diversity", "exclude_seen"} <= set(
+        fields
+    )
+    assert "RecommendedItem" in schema["components"]["schemas"]
+
+
+def test_happy_paths(service):
+    by_user = post(service, {"scenario": "video", "user_id": "video-user-0001", "k": 5}).json()
+    assert len(by_user["items"]) == 5 and by_user["checkpoint"]
+    item = by_user["items"][0]
+    assert set(item) == {"item_id", "text", "score", "objectives"}
+    assert set(item["objectives"]) == {"engagement", "satisfaction"}
+    scores = [i["score"] for i in by_user["items"]]
+    assert scores == sorted(scores, reverse=True)  # diversity 0: plain top-k
+
+    history = ["video-0001", "video-0002", "video-0003"]
+    seen = post(service, {"scenario": "video", "history": history, "k": 50, "exclude_seen": True}).json()
+    assert not {i["item_id"] for i in seen["items"]} & set(history)
+
+    cross = post(
+        service, {"scenario": "video", "history_texts": ["news story: weekly report on derby stadium"], "k": 3}
+    )
+    assert cross.status_code == 200 and all(i["item_id"].startswith("video-") for i in cross.json()["items"])
+
+    weighted = post(
+        service,
+        {
+            "scenario": "video",
+            "user_id": "video-user-0001",
+            "k": 10,
+            "weights": {"satisfaction": 1.0},
+            "diversity": 0.5,
+        },
+    )
+    assert weighted.status_code == 200 and len(weighted.json()["items"]) == 10
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"scenario": "books", "user_id": "x"}, 400, "unknown scenario 'books'"),
+        ({"scenario": "video", "history": ["nope"]}, 400, "unknown item ids ['nope']"),
+        ({"scenario": "video", "user_id": "ghost"}, 400, "user_id 'ghost' has no history"),
+        ({"scenario": "video", "history": []}, 400, "history is empty"),
+        ({"scenario": "video", "history_texts": [""]}, 400, "non-empty strings"),
+        ({"scenario": "video"}, 400, "exactly one of"),
+        ({"scenario": "video", "user_id": "video-user-0001", "history": ["video-0001"]}, 400, "exactly one of"),
+        ({"scenario": "video", "user_id": "video-user-0001", "k": 0}, 400, "k must be between 1 and 100"),
+        ({"scenario": "video", "user_id": "video-user-0001", "k": 101}, 400, "k must be between 1 and 100"),
+        ({"scenario": "video", "user_id": "video-user-0001", "weights": {"engagement": 0}}, 400, "summing to > 0"),
+        (
+            {"scenario": "video", "user_id": "video-user-0001", "weights": {"engagement": -1, "satisfaction": 2}},
+            400,
+            "non-negative",
+        ),
+        ({"scenario": "video", "user_id": "video-user-0001", "weights": {"clicks": 1}}, 400, "unknown objectives"),
+        ({"scenario": "video", "user_id": "video-user-0001", "diversity": 2}, 400, "diversity must be in [0, 1]"),
+        ({"scenario": "video", "user_id": "video-user-0001", "k": "ten"}, 422, "k"),
+        ({"scenario": "video", "user_id": "video-user-0001", "colour": "red"}, 422, "colour"),
+        ({"user_id": "video-user-0001"}, 422, "scenario"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(service, body, status, message):
+    response = post(service, body)
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+def test_malformed_json_and_nan_weights(service):
+    bad = httpx.post(service["url"] + "/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 422
+    nan = httpx.post(
+        service["url"] + "/recommend",
+        headers={"content-type": "application/json"},
+        content=b'{"scenario": "video", "user_id": "video-user-0001", "weights": {"engagement": NaN}}',
+    )
+    assert nan.status_code in (400, 422)
+    missing = post(service, {"checkpoint": "/does/not/exist"}, path="/reload")
+    assert missing.status_code == 400 and "checkpoint not loaded" in missing.text
+
+
+def test_reload_during_requests_drops_nothing(service):
+    statuses, ids = [], set()
+    stop = threading.Event()
+
+    def hammer():
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                r = client.post(service["url"] + "/recommend", json={"scenario": "news", "user_id": "news-user-0002"})
+                statuses.append(r.status_code)
+                ids.add(r.json().get("checkpoint"))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    swapped = post(service, {"checkpoint": str(service["second"])}, path="/reload")
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert swapped.status_code == 200
+    assert statuses and all(s == 200 for s in statuses)
+    assert len(ids) == 2 and swapped.json()["checkpoint"] in ids  # answered by both models, never failed
+
+
+def test_objective_weights_reproduce_single_objective_rankings(service, demo_dir):
+    rec = Recommender(service["first"], [demo_dir / "video"], service["root"] / "cache")
+    catalog = rec.catalogs["video"]
+    user, _ = rec._user(Request(scenario="video", user_id="video-user-0004"), catalog)
+    probs = torch.sigmoid(rec.model.head.fast_scores(user, catalog.table, catalog.features)[0])
+    reference = torch.sigmoid(rec.model(user, catalog.table)[0])  # the training-path head
+    torch.testing.assert_close(probs, reference, atol=1e-5, rtol=1e-5)
+    for k, weights in enumerate(({"engagement": 1.0, "satisfaction": 0.0}, {"engagement": 0.0, "satisfaction": 1.0})):
+        got = rec.recommend(Request(scenario="video", user_id="video-user-0004", k=20, weights=weights))
+        expected = torch.argsort(probs[:, k], descending=True)[:20].tolist()
+        assert [catalog.index[i["item_id"]] for i in got] == expected
