@@ -48,6 +48,7 @@ class Scenario:
     users: list[str]
     sequences: list[np.ndarray]  # per user: item indices, oldest first
     labels: dict[str, list[np.ndarray]]  # objective -> per user: 0/1 or nan, aligned with sequences
+    categories: list[str | None] | None = None  # (N,) item category where given; None: no categories
     values: np.ndarray | None = None  # (N,) item value (price, margin, ...), nan where unknown; None: no values
     skipped: dict[str, int] = field(default_factory=dict)  # lenient mode: reason -> rows skipped
 
@@ -156,13 +157,14 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
     item_index: dict[str, int] = {}
     texts: list[str] = []
     values: list[float] = []
+    categories: list[str | None] = []
     items_path = folder / ITEMS_FILE
     for lineno, obj in _read_jsonl(items_path, lenient, skipped):
         where = f"{items_path}:{lineno}"
         try:
             item_id = _field(obj, "item_id", "str", where)
             text = _field(obj, "text", "str", where)
-            _field(obj, "category", "str", where, required=False)
+            category = _field(obj, "category", "str", where, required=False)
             value = _field(obj, "value", "number", where, required=False)
             if item_id in item_index:
                 raise DataError(f"{where}: field 'item_id' {item_id!r} repeats an earlier item")
@@ -174,6 +176,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
         item_index[item_id] = len(texts)
         texts.append(text)
         values.append(math.nan if value is None else float(value))
+        categories.append(category)
     if not texts:
         raise DataError(f"{items_path}: the catalog has no valid items")
 
@@ -218,6 +221,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
         users=users,
         sequences=sequences,
         labels=labels,
+        categories=None if all(c is None for c in categories) else categories,
         values=None if all(math.isnan(v) for v in values) else np.asarray(values, dtype=np.float32),
         skipped=dict(skipped),
     )
@@ -232,6 +236,8 @@ def write_scenario(folder: str | os.PathLike[str], scenario: Scenario, timestamp
         with (tmp / ITEMS_FILE).open("w", encoding="utf-8") as fh:
             for i, (item_id, text) in enumerate(zip(scenario.item_ids, scenario.texts, strict=True)):
                 record: dict[str, Any] = {"item_id": item_id, "text": text}
+                if scenario.categories is not None and scenario.categories[i] is not None:
+                    record["category"] = scenario.categories[i]
                 if scenario.values is not None and not math.isnan(scenario.values[i]):
                     record["value"] = float(scenario.values[i])
                 fh.write(json.dumps(record) + "\n")

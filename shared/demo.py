@@ -138,6 +138,7 @@ def _scenario(
         objectives=objectives,
         item_ids=[f"{spec.name}-{i:04d}" for i in range(spec.num_items)],
         texts=texts,
+        categories=[topic_names[t] for t in item_topic],
         users=[f"{spec.name}-user-{u:04d}" for u in range(spec.num_users)],
         sequences=sequences,
         labels={"satisfaction": labels} if spec.labelled else {},

@@ -95,7 +95,7 @@ def test_demo_round_trips_exactly_through_the_canonical_format(tmp_path):
     for name, (sc, stamps) in scenarios.items():
         write_scenario(tmp_path / name, sc, stamps)
         loaded = load_scenario(tmp_path / name)
-        assert loaded.item_ids == sc.item_ids and loaded.texts == sc.texts
+        assert loaded.item_ids == sc.item_ids and loaded.texts == sc.texts and loaded.categories == sc.categories
         assert [s.tolist() for s in loaded.sequences] == [s.tolist() for s in sc.sequences]
         for key in sc.labels:
             for a, b in zip(loaded.labels[key], sc.labels[key], strict=True):
