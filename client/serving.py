@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from shared.checkpoint import WEIGHTS_FILE, read_checkpoint
 from shared.config import Config, ServeConfig
@@ -67,6 +69,19 @@ def catalog_hash(texts: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_name(checkpoint_id: str, texts: Sequence[str]) -> str:
+    """File name of the item-vector cache of one (checkpoint, catalog)."""
+    return f"{checkpoint_id}-{catalog_hash(texts)}.safetensors"
+
+
+def save_table(path: Path, table: torch.Tensor) -> None:
+    """Write an item-vector table atomically (temp file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"table": table.contiguous()}, str(tmp))
+    tmp.replace(path)
+
+
 class Recommender:
     """A loaded checkpoint plus the catalogs of the scenarios it serves."""
 
@@ -85,6 +100,7 @@ class Recommender:
         load_trainable(self.model, weights)
         self.model.eval()
         self.objectives = self.cfg.model.objective_names
+        self.dim = int(self.model.bert.config.hidden_size)
         self.catalogs: dict[str, Catalog] = {}
         for path in scenarios:
             scenario = load_scenario(path, lenient=self.cfg.data.lenient)
@@ -93,18 +109,20 @@ class Recommender:
             self.catalogs[scenario.name] = self._catalog(scenario, cache_dir)
 
     def _catalog(self, scenario: Scenario, cache_dir: str | Path | None) -> Catalog:
-        key = f"{self.checkpoint_id}-{catalog_hash(scenario.texts)}.pt"
-        cached = Path(cache_dir) / key if cache_dir else None
+        cached = Path(cache_dir) / cache_name(self.checkpoint_id, scenario.texts) if cache_dir else None
+        table = None
         if cached is not None and cached.is_file():
-            table = torch.load(cached)
-        else:
+            try:
+                table = load_file(str(cached))["table"].clone()  # in memory: the file may be replaced
+            except (SafetensorError, KeyError, OSError):  # unreadable: recompute and overwrite
+                table = None
+            if table is not None and table.shape != (scenario.num_items, self.dim):
+                table = None
+        if table is None:
             self.model.attach_catalog(scenario.texts)
             table = self.model.item_table()
             if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_suffix(".tmp")
-                torch.save(table, tmp)
-                tmp.replace(cached)
+                save_table(cached, table)
         values = None if scenario.values is None else torch.from_numpy(scenario.values)
         return Catalog(
             scenario=scenario,

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import torch
 
-from client.serving import catalog_hash, file_hash
+from client.serving import cache_name, file_hash, save_table
 from server.launch import free_port, stop_tree
 from shared.checkpoint import WEIGHTS_FILE, read_checkpoint
 from shared.demo import GENERIC, TOPICS
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         table = torch.nn.functional.normalize(
             torch.randn(size, dim, generator=torch.Generator().manual_seed(size)), dim=-1
         )
-        torch.save(table, cache / f"{file_hash(folder / WEIGHTS_FILE)}-{catalog_hash(texts)}.pt")
+        save_table(cache / cache_name(file_hash(folder / WEIGHTS_FILE), texts), table)
         port = free_port()
         proc = subprocess.Popen(
             [

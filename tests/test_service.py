@@ -8,8 +8,9 @@ import time
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from client.serving import Recommender, Request
+from client.serving import Recommender, Request, cache_name
 from server.launch import free_port, stop_tree
 from shared.checkpoint import save_checkpoint
 from shared.model import RecModel
@@ -188,6 +189,19 @@ def test_reload_during_requests_drops_nothing(service):
     assert swapped.status_code == 200
     assert statuses and all(s == 200 for s in statuses)
     assert len(ids) == 2 and swapped.json()["checkpoint"] in ids  # answered by both models, never failed
+
+
+def test_item_vectors_are_cached_by_checkpoint_and_catalog(service, demo_dir):
+    cache = service["root"] / "cache"
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) >= 2  # one per (checkpoint, catalog) served so far
+    rec = Recommender(service["first"], [demo_dir / "video"], cache)
+    key = cache / cache_name(rec.checkpoint_id, rec.catalogs["video"].scenario.texts)
+    assert key in files
+    assert torch.equal(load_file(str(key))["table"].clone(), rec.catalogs["video"].table)  # served = cached
+    key.write_bytes(b"corrupted")  # a damaged cache entry is recomputed, not fatal
+    again = Recommender(service["first"], [demo_dir / "video"], cache)
+    assert torch.allclose(again.catalogs["video"].table, rec.catalogs["video"].table)
 
 
 def test_objective_weights_reproduce_single_objective_rankings(service, demo_dir):
