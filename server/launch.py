@@ -75,6 +75,21 @@ def stop_tree(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait(timeout=grace)
 
 
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, what: str) -> None:
+    """Wait until ``url`` answers 2xx; raise if the process exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            detail = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode} {detail}".strip())
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0).is_success:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} was not healthy within {timeout:.0f}s")
+        time.sleep(0.25)
+
+
 @contextlib.contextmanager
 def simulation_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60.0) -> Iterator[str]:
     """A SuperLink in simulation mode on a free loopback port; yields the connection name.
@@ -105,16 +120,7 @@ def simulation_superlink(flwr_home: Path, log_file: Path, startup_timeout: float
             command, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not become healthy in {startup_timeout:.0f}s; see {log_file}")
-            time.sleep(0.25)
+        wait_healthy(proc, f"http://127.0.0.1:{port}/health", startup_timeout, f"flower-superlink (see {log_file})")
         yield CONNECTION
     finally:
         stop_tree(proc)

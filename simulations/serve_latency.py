@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,9 +24,10 @@ import numpy as np
 import torch
 
 from client.serving import cache_name, file_hash, save_table
-from server.launch import free_port, stop_tree
 from shared.checkpoint import WEIGHTS_FILE, read_checkpoint
 from shared.demo import GENERIC, TOPICS
+
+from .serving_cli import running_service
 
 
 def synthetic_catalog(folder: Path, size: int, rng: np.random.Generator) -> list[str]:
@@ -107,38 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.randn(size, dim, generator=torch.Generator().manual_seed(size)), dim=-1
         )
         save_table(cache / cache_name(file_hash(folder / WEIGHTS_FILE), texts), table)
-        port = free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "simulations.cli",
-                "serve",
-                "--checkpoint",
-                str(folder),
-                "--data",
-                str(data),
-                "--cache-dir",
-                str(cache),
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(600):
-                if proc.poll() is not None:
-                    raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "service exited")
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
+        with running_service(folder, [data], cache) as url:
             results[size] = measure(url + "/recommend", size, args.requests, rng)
-        finally:
-            stop_tree(proc)
         print(f"{size} items: {json.dumps(results[size])}", flush=True)
     print(f"\n{'items':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 top-k':>10} {'p99 top-k':>10} {'req/s (4 clients)':>18}")
     for size, r in results.items():

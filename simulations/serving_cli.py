@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 
 from client.serving import Recommender, Request, RequestError
+from server.launch import free_port, stop_tree, wait_healthy
 from shared.config import Config
 
 from .simulate import parse_overrides
@@ -68,3 +74,32 @@ def serve(args: argparse.Namespace) -> None:
 
     app = create_app(load(args, args.checkpoint), partial(load, args))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+@contextlib.contextmanager
+def running_service(
+    checkpoint: str | Path, data: Sequence[str | Path], cache_dir: str | Path, startup_timeout: float = 300.0
+) -> Iterator[str]:
+    """``crossrec serve`` as a separate process on a free loopback port; yields its URL, stops it on exit."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--cache-dir",
+        str(cache_dir),
+        "--port",
+        str(port),
+    ]
+    for folder in data:
+        command += ["--data", str(folder)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url + "/health", startup_timeout, "crossrec serve")
+        yield url
+    finally:
+        stop_tree(proc)

@@ -1,7 +1,5 @@
 """The HTTP service on a real uvicorn server on 127.0.0.1, started and stopped by the tests."""
 
-import subprocess
-import sys
 import threading
 import time
 
@@ -11,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from client.serving import Recommender, Request, cache_name
-from server.launch import free_port, stop_tree
 from shared.checkpoint import save_checkpoint
 from shared.model import RecModel
 from shared.records import trainable_state
+from simulations.serving_cli import running_service
 
 pytestmark = pytest.mark.serving
 
@@ -40,40 +38,8 @@ def service(tmp_path_factory, tiny_encoder, demo_dir):
     )
     root = tmp_path_factory.mktemp("serve")
     first, second = make_checkpoint(cfg, root / "a", 1), make_checkpoint(cfg, root / "b", 2)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "simulations.cli",
-            "serve",
-            "--checkpoint",
-            str(first),
-            "--port",
-            str(port),
-            "--data",
-            str(demo_dir / "video"),
-            "--data",
-            str(demo_dir / "news"),
-            "--cache-dir",
-            str(root / "cache"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode())
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
+    with running_service(first, [demo_dir / "video", demo_dir / "news"], root / "cache", startup_timeout=120) as url:
         yield {"url": url, "first": first, "second": second, "cfg": cfg, "root": root}
-    finally:
-        stop_tree(proc)
 
 
 def post(service, body, path="/recommend"):
