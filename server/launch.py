@@ -7,6 +7,7 @@ telemetry, no update checks and no hub access.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -75,6 +76,12 @@ def stop_tree(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait(timeout=grace)
 
 
+def die_with_parent() -> None:
+    """In a child before exec (Linux): get SIGTERM when the parent dies, so a crashed parent leaves nothing running."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, what: str) -> None:
     """Wait until ``url`` answers 2xx; raise if the process exits first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
@@ -117,7 +124,12 @@ def simulation_superlink(flwr_home: Path, log_file: Path, startup_timeout: float
     ]
     with log_file.open("ab") as log:
         proc = subprocess.Popen(
-            command, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=flower_env(flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}/health", startup_timeout, f"flower-superlink (see {log_file})")
@@ -155,7 +167,7 @@ def flwr_run(
         "--federation-config",
         f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
     ]
-    proc = subprocess.Popen(command, env=flower_env(flwr_home), start_new_session=True)
+    proc = subprocess.Popen(command, env=flower_env(flwr_home), start_new_session=True, preexec_fn=die_with_parent)
     try:
         return proc.wait()
     finally:

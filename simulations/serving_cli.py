@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from client.serving import Recommender, Request, RequestError
-from server.launch import free_port, stop_tree, wait_healthy
+from server.launch import die_with_parent, free_port, stop_tree, wait_healthy
 from shared.config import Config
 
 from .simulate import parse_overrides
@@ -96,7 +96,7 @@ def running_service(
     ]
     for folder in data:
         command += ["--data", str(folder)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url + "/health", startup_timeout, "crossrec serve")
