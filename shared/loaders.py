@@ -17,6 +17,7 @@ import csv
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,60 @@ def load_amazon_unisrec(folder: str | Path, prefix: str = "Scientific", *, name:
         labels={},
     )
     return scenario, [np.arange(len(s), dtype=np.float64) for s in sequences]
+
+
+@dataclass
+class Impressions:
+    """MIND-style news data: a catalog and impressions (history + candidates with click labels)."""
+
+    item_ids: list[str]
+    texts: list[str]
+    impression_ids: list[int]
+    histories: list[np.ndarray]  # item rows, oldest first (may be empty)
+    candidates: list[np.ndarray]  # item rows
+    clicks: list[np.ndarray]  # 0/1 per candidate
+
+    def split(self, name: str) -> list[int]:
+        """Impression positions of a split: id mod 10 in {0, 1} test, {2} validation, the rest train."""
+        wanted = {"test": {0, 1}, "valid": {2}, "train": set(range(3, 10))}[name]
+        return [i for i, imp in enumerate(self.impression_ids) if imp % 10 in wanted]
+
+
+def load_mind(folder: str | Path, *, lenient: bool = False) -> Impressions:
+    """``news.tsv`` + ``behaviors.tsv``: text = "category. subcategory. title. abstract"."""
+    folder, skipped = Path(folder), Counter[str]()
+    index: dict[str, int] = {}
+    texts: list[str] = []
+    path = folder / "news.tsv"
+    for lineno, row in _rows(path, delimiter="\t", header=False):
+        try:
+            if len(row) < 5 or not row[0] or not row[3].strip():
+                raise DataError(f"{path}:{lineno}: expected news_id, category, subcategory, title, abstract, ...")
+        except DataError as exc:
+            _guard(lenient, skipped, exc)
+            continue
+        index[row[0]] = len(texts)
+        texts.append(". ".join(part.strip() for part in row[1:5] if part.strip()))
+    imp_ids, histories, candidates, clicks = [], [], [], []
+    path = folder / "behaviors.tsv"
+    for lineno, row in _rows(path, delimiter="\t", header=False):
+        where = f"{path}:{lineno}"
+        try:
+            if len(row) != 5:
+                raise DataError(f"{where}: expected impression_id, user_id, time, history, impressions")
+            imp = int(_parse(where, "impression_id", row[0], int))
+            history = row[3].split()
+            cands = [c.rsplit("-", 1) for c in row[4].split()]
+            unknown = [n for n in history + [c[0] for c in cands] if n not in index]
+            if unknown:
+                raise DataError(f"{where}: field 'history/impressions' news id {unknown[0]!r} is not in news.tsv")
+            if not cands or any(len(c) != 2 or c[1] not in ("0", "1") for c in cands):
+                raise DataError(f"{where}: field 'impressions' must be news_id-0/1 entries")
+        except DataError as exc:
+            _guard(lenient, skipped, exc)
+            continue
+        imp_ids.append(imp)
+        histories.append(np.asarray([index[n] for n in history], dtype=np.int64))
+        candidates.append(np.asarray([index[c[0]] for c in cands], dtype=np.int64))
+        clicks.append(np.asarray([int(c[1]) for c in cands], dtype=np.int64))
+    return Impressions(list(index), texts, imp_ids, histories, candidates, clicks)

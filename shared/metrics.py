@@ -50,3 +50,45 @@ def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) ->
         raise ValueError("no users to evaluate")
     g, e = tie_counts(scores, targets)
     return {name: float(v.mean()) for name, v in expected_metrics(g, e, k).items()}
+
+
+IMPRESSION_METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
+
+
+def _expected_discounts(scores: np.ndarray, discount: np.ndarray) -> np.ndarray:
+    """Per item, the mean of ``discount[rank]`` over the ranks its tie block may take (0-based ranks)."""
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    out = np.empty(len(scores))
+    start = 0
+    while start < len(scores):
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        out[order[start : end + 1]] = discount[start : end + 1].mean()
+        start = end + 1
+    return out
+
+
+def impression_metrics(labels: list[np.ndarray], scores: list[np.ndarray]) -> dict[str, float]:
+    """MIND's impression metrics (AUC, MRR, nDCG@5, nDCG@10), averaged over impressions, ties in expectation.
+
+    Per impression: AUC = P(clicked scored above non-clicked) with ties counting 1/2; MRR = sum of
+    clicked items' 1/rank over the number of clicks; nDCG@k with gains 2^label - 1.
+    """
+    out: dict[str, list[float]] = {m: [] for m in IMPRESSION_METRICS}
+    for y, s in zip(labels, scores, strict=True):
+        y, s = np.asarray(y, dtype=np.float64), np.asarray(s, dtype=np.float64)
+        pos, neg = s[y > 0], s[y == 0]
+        if len(pos) == 0 or len(neg) == 0:
+            raise ValueError("every impression needs at least one clicked and one non-clicked candidate")
+        greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+        out["auc"].append(float(greater / (len(pos) * len(neg))))
+        n = len(s)
+        out["mrr"].append(float((y * _expected_discounts(s, 1.0 / np.arange(1, n + 1))).sum() / y.sum()))
+        gains = 2.0**y - 1.0
+        for k in (5, 10):
+            discount = np.where(np.arange(n) < k, 1.0 / np.log2(np.arange(n) + 2.0), 0.0)
+            ideal = (np.sort(gains)[::-1] * discount).sum()
+            out[f"ndcg@{k}"].append(float((gains * _expected_discounts(s, discount)).sum() / ideal))
+    return {m: float(np.mean(v)) for m, v in out.items()}

@@ -49,3 +49,27 @@ def test_bad_shapes_raise():
         ranking_metrics(torch.zeros(3), torch.tensor([0]))
     with pytest.raises(ValueError, match="no users"):
         ranking_metrics(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores", "auc", "mrr", "ndcg5"),
+    [
+        ([1, 0, 0], [0.9, 0.5, 0.1], 1.0, 1.0, 1.0),
+        ([0, 1, 0], [0.9, 0.5, 0.1], 0.5, 0.5, 1 / L2(3)),
+        ([1, 0], [0.5, 0.5], 0.5, 0.75, (1 + 1 / L2(3)) / 2),  # a tie counts in expectation
+        ([1, 0, 1], [0.1, 0.9, 0.5], 0.0, (1 / 2 + 1 / 3) / 2, (1 / L2(3) + 1 / L2(4)) / (1 + 1 / L2(3))),
+    ],
+)
+def test_impression_metrics_hand_computed(labels, scores, auc, mrr, ndcg5):
+    from shared.metrics import impression_metrics
+
+    out = impression_metrics([np.array(labels)], [np.array(scores)])
+    assert out["auc"] == pytest.approx(auc) and out["mrr"] == pytest.approx(mrr)
+    assert out["ndcg@5"] == pytest.approx(ndcg5)
+
+
+def test_impression_without_a_click_is_an_error():
+    from shared.metrics import impression_metrics
+
+    with pytest.raises(ValueError, match="at least one clicked"):
+        impression_metrics([np.array([0, 0])], [np.array([0.1, 0.2])])
