@@ -10,7 +10,7 @@ A scenario is a folder with three files (UTF-8):
     ``category`` (str) and ``value`` (number, e.g. price or margin).
 ``interactions.jsonl``
     One JSON object per line: ``user_id`` (str), ``item_id`` (str, in the catalog),
-    ``timestamp`` (number; order within a user, ties broken by item id), and for every labelled
+    ``timestamp`` (number; order within a user, ties broken by item id: integer ids numerically), and for every labelled
     objective other than the first an optional 0/1 field of that name (missing = unlabelled).
 """
 
@@ -70,6 +70,11 @@ class Split:
     eval_users: np.ndarray  # users with >= 3 interactions (they have a validation and a test item)
     valid_target: np.ndarray  # (U,) item index
     test_target: np.ndarray  # (U,)
+
+
+def natural_key(identifier: str) -> tuple[int, int | str]:
+    """Order of ids: integers numerically ("2" before "10"), then other strings."""
+    return (0, int(identifier)) if identifier.isdigit() else (1, identifier)
 
 
 def leave_one_out(scenario: Scenario) -> Split:
@@ -204,12 +209,12 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
     if not rows:
         raise DataError(f"{inter_path}: the log has no valid interactions")
 
-    users = sorted(rows)
+    users = sorted(rows, key=natural_key)
     sequences: list[np.ndarray] = []
     labels: dict[str, list[np.ndarray]] = {o: [] for o in labelled}
     item_ids = list(item_index)
     for user in users:
-        events = sorted(rows[user], key=lambda r: (r[0], item_ids[r[1]]))  # stable: time, then item id
+        events = sorted(rows[user], key=lambda r: (r[0], natural_key(item_ids[r[1]])))  # time, then item id
         sequences.append(np.asarray([e[1] for e in events], dtype=np.int64))
         for j, o in enumerate(labelled):
             labels[o].append(np.asarray([e[2][j] for e in events], dtype=np.float32))

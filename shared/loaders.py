@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Scenario
+from .data import DataError, Scenario, natural_key
 
 Loaded = tuple[Scenario, list[np.ndarray]]
 
@@ -55,10 +55,6 @@ def _guard(lenient: bool, skipped: Counter[str], exc: DataError) -> None:
     skipped[str(exc).split(": ", 1)[1].split(" = ")[0]] += 1
 
 
-def _natural(item_id: str) -> tuple[int, int | str]:
-    return (0, int(item_id)) if item_id.isdigit() else (1, item_id)
-
-
 def _build(
     name: str,
     texts: dict[str, str],
@@ -67,12 +63,12 @@ def _build(
     satisfaction: bool,
 ) -> Loaded:
     """Scenario from per-user (timestamp, item id, rating) events; catalog = rated items with text."""
-    rated = sorted({item for evs in events.values() for _, item, _ in evs}, key=_natural)
+    rated = sorted({item for evs in events.values() for _, item, _ in evs}, key=natural_key)
     index = {item: i for i, item in enumerate(rated)}
-    users = sorted(events, key=_natural)
+    users = sorted(events, key=natural_key)
     sequences, stamps, labels = [], [], []
     for user in users:
-        evs = sorted(events[user], key=lambda e: (e[0], _natural(e[1])))  # time, ties by item id
+        evs = sorted(events[user], key=lambda e: (e[0], natural_key(e[1])))  # time, ties by item id
         sequences.append(np.asarray([index[i] for _, i, _ in evs], dtype=np.int64))
         stamps.append(np.asarray([t for t, _, _ in evs], dtype=np.float64))
         labels.append(np.asarray([1.0 if r >= 4 else 0.0 for _, _, r in evs], dtype=np.float32))

@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo-data", help="write the demo federation in the canonical format")
     demo.add_argument("out", help="output folder (one sub-folder per scenario)")
     demo.add_argument("--seed", type=int, default=0)
+    conv = sub.add_parser("convert", help="write a public dataset as a canonical scenario folder")
+    conv.add_argument("format", choices=["movielens", "ml-100k", "amazon"])
+    conv.add_argument("src", help="the dataset folder (e.g. ../shared/data/movies/ml-latest-small)")
+    conv.add_argument("out", help="the scenario folder to write")
+    conv.add_argument("--name", default=None, help="scenario name (default: movies / ecommerce)")
+    conv.add_argument("--lenient", action="store_true", help="skip malformed rows and report them")
     for name, text in (("recommend", "print recommendations from a checkpoint"), ("serve", "run the HTTP service")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest round)")
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             from shared.demo import write_demo_federation
 
             print("wrote", ", ".join(write_demo_federation(args.out, seed=args.seed)), "to", args.out)
+        elif args.command == "convert":
+            convert(args.format, args.src, args.out, args.name, args.lenient)
         elif args.command in ("recommend", "serve"):
             from .serving_cli import recommend, serve
 
@@ -57,6 +65,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crossrec: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def convert(fmt: str, src: str, out: str, name: str | None, lenient: bool) -> None:
+    """Load a public dataset with its validating loader and write it in the canonical format."""
+    from shared.data import write_scenario
+    from shared.loaders import load_amazon_unisrec, load_movielens_100k, load_movielens_latest
+
+    if fmt == "amazon":
+        if lenient:
+            raise ValueError("--lenient: the UniSRec files must match each other exactly; fix them instead")
+        scenario, stamps = load_amazon_unisrec(src, name=name or "ecommerce")
+    elif fmt == "movielens":
+        scenario, stamps = load_movielens_latest(src, lenient=lenient, name=name or "movies")
+    else:
+        scenario, stamps = load_movielens_100k(src, lenient=lenient, name=name or "movies")
+    write_scenario(out, scenario, stamps)
+    print(
+        f"wrote {scenario.name}: {scenario.num_items} items, {len(scenario.users)} users, "
+        f"{scenario.num_interactions} interactions to {out}"
+    )
+    for reason, count in scenario.skipped.items():
+        print(f"  skipped {count} rows: {reason}")
 
 
 if __name__ == "__main__":

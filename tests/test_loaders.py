@@ -160,3 +160,30 @@ def test_mind_sample_reproduces_the_popularity_and_zero_shot_anchors():
     assert zero["auc"] == pytest.approx(0.6324, abs=0.002)
     assert zero["mrr"] == pytest.approx(0.3832, abs=0.002)
     assert zero["ndcg@10"] == pytest.approx(0.5107, abs=0.002)
+
+
+def test_canonical_ties_follow_numeric_item_ids(tmp_path):
+    from test_data import make_scenario
+
+    from shared.data import load_scenario
+
+    items = ['{"item_id": "10", "text": "ten"}', '{"item_id": "9", "text": "nine"}']
+    inter = ['{"user_id": "u", "item_id": "10", "timestamp": 1}', '{"user_id": "u", "item_id": "9", "timestamp": 1}']
+    sc = load_scenario(make_scenario(tmp_path / "s", items, inter))
+    assert [sc.item_ids[i] for i in sc.sequences[0]] == ["9", "10"]
+
+
+@realdata
+@pytest.mark.realdata
+def test_convert_movielens_round_trips_through_the_canonical_format(tmp_path):
+    from shared.data import load_scenario
+    from simulations.cli import main
+
+    assert main(["convert", "movielens", str(DATA / "movies" / "ml-latest-small"), str(tmp_path / "movies")]) == 0
+    loaded = load_scenario(tmp_path / "movies")
+    direct, _ = load_movielens_latest(DATA / "movies" / "ml-latest-small")
+    assert loaded.item_ids == direct.item_ids and loaded.texts == direct.texts and loaded.users == direct.users
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.sequences, direct.sequences, strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(loaded.labels["satisfaction"], direct.labels["satisfaction"], strict=True)
+    )
