@@ -85,6 +85,37 @@ def _build(
     return scenario, stamps
 
 
+def _rating_events(
+    path: Path,
+    delimiter: str,
+    header: bool,
+    columns: tuple[str, str, str, str],
+    rating_kind: Callable[[str], float | int],
+    catalog_file: str,
+    texts: dict[str, str],
+    lenient: bool,
+    skipped: Counter[str],
+) -> dict[str, list[tuple[float, str, float]]]:
+    """Per user: (timestamp, item id, rating) from a user/item/rating/timestamp file; items must be in ``texts``."""
+    events: dict[str, list[tuple[float, str, float]]] = {}
+    for lineno, row in _rows(path, delimiter=delimiter, header=header):
+        where = f"{path}:{lineno}"
+        try:
+            if len(row) != 4:
+                raise DataError(f"{where}: expected {', '.join(columns)}, got {len(row)} fields")
+            rating = float(_parse(where, columns[2], row[2], rating_kind))
+            ts = float(_parse(where, columns[3], row[3], int))
+            if row[1] not in texts:
+                raise DataError(f"{where}: field '{columns[1]}' = {row[1]!r} is not in {catalog_file}")
+        except DataError as exc:
+            _guard(lenient, skipped, exc)
+            continue
+        events.setdefault(row[0], []).append((ts, row[1], rating))
+    if not events:
+        raise DataError(f"{path}: no valid ratings")
+    return events
+
+
 def load_movielens_latest(
     folder: str | Path, *, lenient: bool = False, tags: bool = True, name: str = "movies"
 ) -> Loaded:
@@ -117,23 +148,17 @@ def load_movielens_latest(
                 )
         for movie, tag_list in movie_tags.items():
             texts[movie] += f". tags: {', '.join(tag_list)}"
-    events: dict[str, list[tuple[float, str, float]]] = {}
-    path = folder / "ratings.csv"
-    for lineno, row in _rows(path, delimiter=",", header=True):
-        where = f"{path}:{lineno}"
-        try:
-            if len(row) != 4:
-                raise DataError(f"{where}: expected userId,movieId,rating,timestamp, got {len(row)} fields")
-            rating = float(_parse(where, "rating", row[2], float))
-            ts = float(_parse(where, "timestamp", row[3], int))
-            if row[1] not in texts:
-                raise DataError(f"{where}: field 'movieId' = {row[1]!r} is not in movies.csv")
-        except DataError as exc:
-            _guard(lenient, skipped, exc)
-            continue
-        events.setdefault(row[0], []).append((ts, row[1], rating))
-    if not events:
-        raise DataError(f"{path}: no valid ratings")
+    events = _rating_events(
+        folder / "ratings.csv",
+        ",",
+        True,
+        ("userId", "movieId", "rating", "timestamp"),
+        float,
+        "movies.csv",
+        texts,
+        lenient,
+        skipped,
+    )
     return _build(name, texts, events, skipped, satisfaction=True)
 
 
@@ -152,23 +177,17 @@ def load_movielens_100k(folder: str | Path, *, lenient: bool = False, name: str 
             continue
         genres = [g for g, flag in zip(genre_names, row[5:], strict=True) if flag == "1" and g != "unknown"]
         texts[row[0]] = f"{row[1].strip()}. {', '.join(genres)}" if genres else row[1].strip()
-    events: dict[str, list[tuple[float, str, float]]] = {}
-    path = folder / "u.data"
-    for lineno, row in _rows(path, delimiter="\t", header=False):
-        where = f"{path}:{lineno}"
-        try:
-            if len(row) != 4:
-                raise DataError(f"{where}: expected user_id, item_id, rating, timestamp, got {len(row)} fields")
-            rating = float(_parse(where, "rating", row[2], int))
-            ts = float(_parse(where, "timestamp", row[3], int))
-            if row[1] not in texts:
-                raise DataError(f"{where}: field 'item_id' = {row[1]!r} is not in u.item")
-        except DataError as exc:
-            _guard(lenient, skipped, exc)
-            continue
-        events.setdefault(row[0], []).append((ts, row[1], rating))
-    if not events:
-        raise DataError(f"{path}: no valid ratings")
+    events = _rating_events(
+        folder / "u.data",
+        "\t",
+        False,
+        ("user_id", "item_id", "rating", "timestamp"),
+        int,
+        "u.item",
+        texts,
+        lenient,
+        skipped,
+    )
     return _build(name, texts, events, skipped, satisfaction=True)
 
 

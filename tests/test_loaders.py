@@ -41,7 +41,7 @@ def test_movielens_text_order_and_labels(tmp_path):
     [
         ("1,1,great,5\n", r"ratings.csv:2: field 'rating' = 'great' is not a valid float"),
         ("1,1,4.0,5\n1,99,4.0,6\n", r"ratings.csv:3: field 'movieId' = '99' is not in movies.csv"),
-        ("1,1,4.0\n", r"ratings.csv:2: expected userId,movieId,rating,timestamp"),
+        ("1,1,4.0\n", r"ratings.csv:2: expected userId, movieId, rating, timestamp"),
         ("1,1,nan,5\n", r"ratings.csv:2: field 'rating' = 'nan' is not finite"),
     ],
 )
