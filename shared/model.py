@@ -134,12 +134,13 @@ class MultiObjectiveHead(nn.Module):
 
     @torch.no_grad()
     def item_features(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-item parts of :meth:`fast_scores`, computed once per catalog: pv, pv-terms of experts and gates."""
+        """Per-item parts of :meth:`fast_scores`, computed once per catalog:
+        [pv, 1] (N, h+1), and the pv-terms (+ bias) of the experts (N, E*h) and gates (N, K*E)."""
         h = self.hidden
         pv = self.item_proj(items)  # (N, h)
         experts = pv @ self.experts.weight[:, 2 * h :].T + self.experts.bias  # (N, E*h)
         gates = pv @ self.gates.weight[:, 2 * h :].T + self.gates.bias  # (N, K*E)
-        return pv, experts, gates
+        return torch.cat([pv, torch.ones(len(pv), 1)], dim=1), experts, gates
 
     @torch.no_grad()
     def fast_scores(
@@ -149,41 +150,33 @@ class MultiObjectiveHead(nn.Module):
         features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         block: int = 2048,
     ) -> torch.Tensor:
-        """Same logits as :meth:`forward` for one user (1, H) against all items (N, H), without
-        materialising the pair features: the expert/gate layers are split over [pu*pv, pu, pv].
-        Items go in blocks so the (block, E*h) intermediates stay in cache (2.3x faster at 100k items)."""
+        """Same logits as :meth:`forward` for one user (1, H) against all items (N, H).
+
+        The expert and gate layers act on [pu*pv, pu, pv]; split by blocks, their pu*pv and pu parts
+        become one (h+1)-wide matrix per request applied to [pv, 1], added to the cached pv part in
+        one GEMM. Towers are applied to each expert before mixing (they are linear), so the (N, K, h)
+        mixture is never built. Items go in blocks so intermediates stay in cache.
+        """
         h = self.hidden
         pu = self.user_proj(users)[0]  # (h,)
         we, wg = self.experts.weight, self.gates.weight
-        user_experts = ((we[:, :h] * pu).T, we[:, h : 2 * h] @ pu)  # (h, E*h), (E*h,)
-        user_gates = ((wg[:, :h] * pu).T, wg[:, h : 2 * h] @ pu)  # (h, K*E), (K*E,)
-        return torch.cat(
-            [
-                self._block_scores(
-                    users, items[s : s + block], tuple(f[s : s + block] for f in features), user_experts, user_gates
-                )
-                for s in range(0, items.shape[0], block)
-            ],
-            dim=1,
-        )
-
-    def _block_scores(
-        self,
-        users: torch.Tensor,
-        items: torch.Tensor,
-        features: tuple[torch.Tensor, ...],
-        user_experts: tuple[torch.Tensor, torch.Tensor],
-        user_gates: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        pv, item_experts, item_gates = features
-        experts = pv @ user_experts[0] + user_experts[1] + item_experts  # (N, E*h)
-        gates = pv @ user_gates[0] + user_gates[1] + item_gates  # (N, K*E)
-        experts = F.relu(experts).unflatten(-1, (self.num_experts, self.hidden))  # (N, E, h)
-        gates = gates.unflatten(-1, (self.objectives, self.num_experts)).softmax(-1)  # (N, K, E)
-        mixed = gates @ experts  # (N, K, h)
-        logits = torch.cat([tower(mixed[:, k]) for k, tower in enumerate(self.towers)], dim=-1)  # (N, K)
-        cosine = (items @ users[0])[:, None]  # (N, 1)
-        return (logits + F.pad(self.similarity(cosine), (0, self.objectives - 1)))[None]  # (1, N, K)
+        user_experts = torch.cat([(we[:, :h] * pu).T, (we[:, h : 2 * h] @ pu)[None]])  # (h+1, E*h)
+        user_gates = torch.cat([(wg[:, :h] * pu).T, (wg[:, h : 2 * h] @ pu)[None]])  # (h+1, K*E)
+        towers = [cast(nn.Linear, t) for t in self.towers]
+        tower_w = torch.cat([t.weight for t in towers]).T  # (h, K)
+        tower_b = torch.cat([t.bias for t in towers])  # (K,)
+        cosine = self.similarity((items @ users[0])[:, None])  # (N, 1)
+        pv1, item_experts, item_gates = features
+        logits = torch.empty(len(items), self.objectives)
+        for s in range(0, len(items), block):
+            e = slice(s, s + block)
+            experts = torch.addmm(item_experts[e], pv1[e], user_experts).relu_()  # (n, E*h)
+            per_expert = (experts.view(-1, self.hidden) @ tower_w).view(-1, self.num_experts, self.objectives)
+            gates = torch.addmm(item_gates[e], pv1[e], user_gates).view(-1, self.objectives, self.num_experts)
+            logits[e] = (gates.softmax(-1) * per_expert.transpose(1, 2)).sum(-1)  # (n, K)
+        logits += tower_b
+        logits[:, :1] += cosine
+        return logits[None]  # (1, N, K)
 
 
 class RecModel(nn.Module):
