@@ -20,6 +20,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def leave_one_out(scenario: Scenario) -> Split:
     )
 
 
-def _read_jsonl(path: Path, lenient: bool, skipped: Counter[str]):  # type: ignore[no-untyped-def]
+def _read_jsonl(path: Path, lenient: bool, skipped: Counter[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for every non-blank line; malformed lines raise or are skipped."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
