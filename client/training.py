@@ -152,10 +152,9 @@ def eval_inputs(data: LocalData, split: str, history: int) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def score_users(model: RecModel, history: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Ranking-objective scores (U, N) over the whole catalog."""
+def score_users(model: RecModel, history: torch.Tensor, table: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Ranking-objective scores (U, N) over the whole catalog, given its item table (N, H)."""
     model.eval()
-    table = model.item_table()
     rows = []
     for start in range(0, history.shape[0], batch_size):
         users = model.user_vectors(history[start : start + batch_size], table)
@@ -165,10 +164,12 @@ def score_users(model: RecModel, history: torch.Tensor, batch_size: int = 64) ->
 
 def evaluate(model: RecModel, data: LocalData, cfg: Config) -> dict[str, float]:
     """Full-ranking HR@10, NDCG@10 and MRR on validation and test (nothing masked)."""
+    model.eval()
+    table = model.item_table()  # once for both splits
     out = {}
     for split in ("valid", "test"):
         history, target = eval_inputs(data, split, cfg.model.history)
-        for name, value in ranking_metrics(score_users(model, history), target).items():
+        for name, value in ranking_metrics(score_users(model, history, table), target).items():
             out[f"{split}.{name}"] = value
     return out
 

@@ -82,6 +82,12 @@ def frozen_prefix(
     return torch.cat(states), tokens["attention_mask"]
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens, L2-normalised: hidden (B, L, H), mask (B, L) -> (B, H)."""
+    weights = mask[..., None].to(hidden.dtype)
+    return F.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+
+
 class UserEncoder(nn.Module):
     """Attention pooling over the most recent item vectors, with learned recency embeddings."""
 
@@ -236,9 +242,7 @@ class RecModel(nn.Module):
         attention = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=mask)
         for layer in getattr(self.bert, "encoder").layer[self.frozen_layers :]:  # noqa: B009 - typed as Module
             hidden = layer(hidden, attention)
-        weights = mask[..., None].to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1)  # (B, H)
-        return F.normalize(pooled, dim=-1)
+        return mean_pool(hidden, mask)
 
     @torch.no_grad()
     def item_table(self, batch_size: int = 256) -> torch.Tensor:
@@ -262,6 +266,4 @@ def full_encoder_items(model: RecModel, texts: list[str]) -> torch.Tensor:
     """Item vectors through the whole (LoRA-wrapped) encoder, no cache: the reference for the cache."""
     tokenizer, _ = load_pretrained(model.cfg.model.encoder)
     tokens = tokenizer(texts, padding=True, truncation=True, max_length=model.cfg.model.max_length, return_tensors="pt")
-    hidden = model.encoder(**tokens).last_hidden_state  # (B, L, H)
-    weights = tokens["attention_mask"][..., None].to(hidden.dtype)
-    return F.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+    return mean_pool(model.encoder(**tokens).last_hidden_state, tokens["attention_mask"])
