@@ -23,7 +23,8 @@ from shared.records import (
     trainable_state,
 )
 
-from .training import LocalData, build_model, evaluate, prepare, train_round
+from .evaluation import evaluate
+from .training import LocalData, build_model, prepare, train_round
 
 app = ClientApp()
 

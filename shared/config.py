@@ -3,7 +3,7 @@
 Every key has its default here and the same default in ``pyproject.toml``
 (``[tool.flwr.app.config]``); ``tests/test_config.py`` checks that both agree.
 Keys are grouped by dotted prefix: ``model.*``, ``lora.*``, ``train.*``, ``fed.*``,
-``data.*``, ``run.*``, ``serve.*``.
+``privacy.*``, ``data.*``, ``run.*``, ``serve.*``.
 """
 
 from __future__ import annotations
@@ -121,6 +121,29 @@ class FedConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """User-level DP-SGD on every client (Opacus); the budget is per scenario for the whole planned run."""
+
+    epsilon: float = 0.0  # target epsilon for fed.rounds x train.local-steps steps; 0 = no differential privacy
+    delta: float = 0.0  # 0 = 1 / (10 x the scenario's number of users)
+    max_grad_norm: float = 1.0  # per-user clipping bound
+
+    def __post_init__(self) -> None:
+        for key in ("epsilon", "delta"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                _fail(f"privacy.{key}", value, "must be >= 0 (0 = off / automatic)")
+        if not self.delta < 1:
+            _fail("privacy.delta", self.delta, "must be < 1")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            _fail("privacy.max-grad-norm", self.max_grad_norm, "must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon > 0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where scenarios live (simulation: partition-id -> scenario)."""
 
@@ -185,6 +208,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from client.training import LocalData, build_model, evaluate, popularity_metrics, train_round
+from client.evaluation import evaluate, popularity_metrics
+from client.training import LocalData, build_model, train_round
 from shared.config import Config
 
 Row = dict[str, Any]
