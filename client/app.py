@@ -24,6 +24,7 @@ from shared.records import (
 )
 
 from .evaluation import evaluate
+from .privacy import DPSGD, ledger_path, open_ledger
 from .training import LocalData, build_model, prepare, train_round
 
 app = ClientApp()
@@ -51,11 +52,18 @@ def setup(context: Context) -> tuple[Config, LocalData]:
     return cfg, prepare(scenario, cfg)
 
 
-def _reply(msg: Message, data: LocalData, metrics: dict[str, float], with_weights: RecModel | None = None) -> Message:
+def _reply(
+    msg: Message,
+    data: LocalData,
+    metrics: dict[str, float],
+    with_weights: RecModel | None = None,
+    refused: str | None = None,
+) -> Message:
+    info: dict[str, str] = {"scenario": data.scenario.name} | ({"refused": refused} if refused else {})
     content = RecordDict(
         {
             METRICS: MetricRecord({**metrics, NUM_EXAMPLES: data.num_examples}),
-            INFO: ConfigRecord({"scenario": data.scenario.name}),
+            INFO: ConfigRecord(info),  # type: ignore[arg-type]
         }
     )
     if with_weights is not None:
@@ -65,12 +73,27 @@ def _reply(msg: Message, data: LocalData, metrics: dict[str, float], with_weight
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global weights, train locally, reply with the trainable weights only."""
+    """Load the global weights, train locally (DP-SGD when privacy.epsilon > 0), reply with the trainable
+    weights only; a client whose privacy budget would be exceeded refuses and says why."""
     cfg, data = setup(context)
+    server_round = cast(int, msg.content.config_records[CONFIG]["server-round"])
+    if not cfg.privacy.enabled:
+        model = build_model(cfg, data)
+        load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
+        return _reply(msg, data, train_round(model, data, cfg, server_round), with_weights=model)
+    path = ledger_path(cfg, context.node_config, data.scenario.name)
+    ledger = open_ledger(cfg, path, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
+    spent = {"privacy.epsilon": ledger.epsilon(), "privacy.delta": ledger.delta}
+    refusal = ledger.refusal(cfg.train.local_steps)
+    if refusal is not None:
+        return _reply(msg, data, spent, refused=refusal)
     model = build_model(cfg, data)
     load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
-    stats = train_round(model, data, cfg, cast(int, msg.content.config_records[CONFIG]["server-round"]))
-    return _reply(msg, data, stats, with_weights=model)
+    stats = train_round(model, data, cfg, server_round, DPSGD(ledger, cfg.train.batch_size))
+    ledger.record(cfg.train.local_steps, server_round)
+    ledger.save(path)  # before the weights leave: a crash after this over-counts, never under-counts
+    spent = {"privacy.epsilon": ledger.epsilon(), "privacy.delta": ledger.delta}
+    return _reply(msg, data, {**stats, **spent}, with_weights=model)
 
 
 @app.evaluate()

@@ -1,7 +1,8 @@
-"""Local training and full-ranking evaluation of one scenario: plain functions, no Flower."""
+"""Local training of one scenario (plain or DP-SGD): plain functions, no Flower."""
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from shared.config import Config
 from shared.data import Scenario, Split, leave_one_out
 from shared.model import RecModel
+
+from .privacy import DPSGD
 
 
 @dataclass
@@ -57,12 +60,21 @@ def round_rng(cfg: Config, scenario: str, server_round: int) -> np.random.Genera
     return np.random.default_rng([cfg.train.seed, zlib.crc32(scenario.encode()), server_round])
 
 
-def sample_batch(
-    data: LocalData, cfg: Config, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training example per sampled user: history (B, T), target (B,), labels (B, K) with nan = none."""
+def sample_users(data: LocalData, cfg: Config, rng: np.random.Generator, poisson: bool) -> np.ndarray:
+    """Users of one step: ``train.batch-size`` drawn with replacement, or (under DP) each trainable user
+    independently with probability batch-size / trainable users (Poisson sampling; may be empty)."""
+    if poisson:
+        rate = cfg.train.batch_size / len(data.trainable_users)
+        return data.trainable_users[rng.random(len(data.trainable_users)) < rate]
+    return rng.choice(data.trainable_users, size=cfg.train.batch_size)
+
+
+def make_batch(
+    data: LocalData, cfg: Config, users: np.ndarray, num_items: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training example per user: history (B, T), target (B,), labels (B, K) with nan = none,
+    and the user's own ``train.negatives`` random catalog items (B, N)."""
     names = cfg.model.objective_names
-    users = rng.choice(data.trainable_users, size=cfg.train.batch_size)
     histories, targets = [], []
     labels = np.full((len(users), len(names)), np.nan, dtype=np.float32)
     labels[:, 0] = 1.0
@@ -74,10 +86,12 @@ def sample_batch(
         for k, name in enumerate(names[1:], start=1):
             if name in data.split.train_labels:
                 labels[row, k] = data.split.train_labels[name][u][t]
+    negatives = rng.integers(num_items, size=(len(users), cfg.train.negatives))
     return (
         history_tensor(histories, cfg.model.history),
-        torch.as_tensor(np.asarray(targets), dtype=torch.long),
+        torch.as_tensor(np.asarray(targets, dtype=np.int64)),
         torch.from_numpy(labels),
+        torch.as_tensor(negatives, dtype=torch.long),
     )
 
 
@@ -90,49 +104,54 @@ def loss_fn(
     table: torch.Tensor,
     aux_weight: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sampled-softmax ranking loss over batch targets + shared negatives, plus masked BCE per objective.
+    """Mean over users of each user's own loss: sampled softmax of its target against its own negatives,
+    plus ``aux_weight`` x the BCE of every labelled non-ranking objective on the target.
 
-    Objectives without a label in the batch contribute a zero-weighted loss, so every head
-    parameter stays in the backward pass.
+    Each user's loss depends on that user's example only (and on public random negatives), so a
+    per-example gradient is a per-user gradient: what DP-SGD clips. The target goes through the
+    LoRA layers; negatives and history come from the item table refreshed at round start (a memory
+    bank), which also keeps every module's batch dimension equal to the number of users.
     """
-    candidates = torch.cat([target, negatives])  # (C,)
     users = model.user_vectors(history, table)  # (B, H)
-    items = model.encode_items(candidates)  # (C, H), through LoRA
-    logits = model(users, items)  # (B, C, K)
-    batch = target.shape[0]
-    own = torch.arange(batch)
-    hits = candidates[None, :] == target[:, None]  # (B, C): same item as the row's target
-    hits[own, own] = False
-    rank_logits = logits[..., 0].masked_fill(hits, -torch.inf)
-    rank_loss = F.cross_entropy(rank_logits, own)
-    total, parts = rank_loss, {"loss_rank": float(rank_loss.detach())}
-    pair = logits[own, own]  # (B, K): logits of each user's own target
+    items = torch.cat([model.encode_items(target)[:, None], table[negatives]], dim=1)  # (B, 1+N, H)
+    logits = model(users, items)  # (B, 1+N, K)
+    collide = torch.cat([torch.zeros_like(target, dtype=torch.bool)[:, None], negatives == target[:, None]], 1)
+    rank = -logits[..., 0].masked_fill(collide, -torch.inf).log_softmax(-1)[:, 0]  # (B,)
+    per_user, parts = rank, {"loss_rank": float(rank.detach().mean())}
     for k in range(1, logits.shape[-1]):
         mask = ~torch.isnan(labels[:, k])
-        bce = F.binary_cross_entropy_with_logits(pair[:, k], labels[:, k].nan_to_num(0.0), reduction="none")
-        aux = (bce * mask).sum() / mask.sum().clamp(min=1)
-        total = total + aux_weight * aux
-        parts[f"loss_aux{k}"] = float(aux.detach())
-    return total, parts
+        bce = F.binary_cross_entropy_with_logits(logits[:, 0, k], labels[:, k].nan_to_num(0.0), reduction="none")
+        per_user = per_user + aux_weight * bce * mask
+        parts[f"loss_aux{k}"] = float((bce * mask).sum() / mask.sum().clamp(min=1))
+    return per_user.mean(), parts
 
 
-def train_round(model: RecModel, data: LocalData, cfg: Config, server_round: int) -> dict[str, float]:
-    """``train.local-steps`` optimiser steps; history vectors come from a table refreshed at round start."""
+def train_round(
+    model: RecModel, data: LocalData, cfg: Config, server_round: int, privacy: DPSGD | None = None
+) -> dict[str, float]:
+    """``train.local-steps`` optimiser steps (DP-SGD steps when ``privacy`` is given); history and
+    negative vectors come from an item table refreshed at round start."""
     rng = round_rng(cfg, data.scenario.name, server_round)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     table = model.item_table()
     model.train()
     totals: dict[str, float] = {}
-    for _ in range(cfg.train.local_steps):
-        history, target, labels = sample_batch(data, cfg, rng)
-        negatives = torch.as_tensor(rng.integers(model.num_items, size=cfg.train.negatives), dtype=torch.long)
-        loss, parts = loss_fn(model, history, target, labels, negatives, table, cfg.train.aux_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for key, value in {"loss": float(loss.detach()), **parts}.items():
-            totals[key] = totals.get(key, 0.0) + value / cfg.train.local_steps
+    with privacy.attached(model, optimizer) if privacy else contextlib.nullcontext(optimizer) as step_optimizer:
+        for _ in range(cfg.train.local_steps):
+            users = sample_users(data, cfg, rng, poisson=privacy is not None)
+            step_optimizer.zero_grad(set_to_none=True)
+            if len(users):
+                batch = make_batch(data, cfg, users, model.num_items, rng)
+                loss, parts = loss_fn(model, *batch, table, cfg.train.aux_weight)
+                loss.backward()
+                parts = {"loss": float(loss.detach()), **parts}
+            else:  # an empty Poisson batch is still a noisy step
+                privacy.empty_batch(params)  # type: ignore[union-attr]
+                parts = {}
+            step_optimizer.step()
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value / cfg.train.local_steps
     model.eval()
     return totals
 

@@ -102,8 +102,8 @@ class UserEncoder(nn.Module):
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """items (B, T, H) most recent first, mask (B, T) -> user vectors (B, H), unit norm."""
-        positions = torch.arange(items.shape[1], device=items.device)
-        x = items + self.recency(positions)[None]  # (B, T, H)
+        positions = torch.arange(items.shape[1], device=items.device).expand(items.shape[0], -1)
+        x = items + self.recency(positions)  # (B, T, H); batched lookup: per-user gradients under DP
         weights = self.score(x).squeeze(-1).masked_fill(~mask, -math.inf).softmax(-1)  # (B, T)
         pooled = (weights[..., None] * x).sum(1)  # (B, H)
         return F.normalize(pooled + self.out(pooled), dim=-1)
@@ -127,15 +127,20 @@ class MultiObjectiveHead(nn.Module):
             nn.init.zeros_(cast(nn.Linear, tower).weight)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """users (B, H), items (C, H), both unit norm -> logits (B, C, K) for every pair."""
-        pu = self.user_proj(users)[:, None].expand(-1, items.shape[0], -1)  # (B, C, h)
-        pv = self.item_proj(items)[None].expand(users.shape[0], -1, -1)  # (B, C, h)
+        """users (B, H) against items shared by all users (C, H) or each user's own (B, C, H), all unit
+        norm -> logits (B, C, K) for every pair."""
+        if items.dim() == 2:  # project the shared items once
+            items = items[None].expand(users.shape[0], -1, -1)
+            pv = self.item_proj(items[0])[None].expand(users.shape[0], -1, -1)  # (B, C, h)
+        else:
+            pv = self.item_proj(items)  # (B, C, h)
+        pu = self.user_proj(users)[:, None].expand(-1, items.shape[1], -1)  # (B, C, h)
         z = torch.cat([pu * pv, pu, pv], dim=-1)  # (B, C, 3h)
         experts = F.relu(self.experts(z)).unflatten(-1, (self.num_experts, self.hidden))  # (B, C, E, h)
         gates = self.gates(z).unflatten(-1, (self.objectives, self.num_experts)).softmax(-1)  # (B, C, K, E)
         mixed = gates @ experts  # (B, C, K, h)
         logits = torch.cat([tower(mixed[:, :, k]) for k, tower in enumerate(self.towers)], dim=-1)
-        cosine = (users @ items.T)[..., None]  # (B, C, 1)
+        cosine = items @ users[..., None]  # (B, C, 1)
         return logits + F.pad(self.similarity(cosine), (0, self.objectives - 1))
 
     @torch.no_grad()
@@ -258,7 +263,7 @@ class RecModel(nn.Module):
         return self.user(table[history.clamp(min=0)], mask)  # type: ignore[no-any-return]
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C, K) for user vectors (B, H) against item vectors (C, H)."""
+        """Logits (B, C, K) for user vectors (B, H) against item vectors (C, H) or (B, C, H)."""
         return self.head(users, items)  # type: ignore[no-any-return]
 
 
