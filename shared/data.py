@@ -12,6 +12,12 @@ A scenario is a folder with three files (UTF-8):
     One JSON object per line: ``user_id`` (str), ``item_id`` (str, in the catalog),
     ``timestamp`` (number; order within a user, ties broken by item id: integer ids numerically), and for every labelled
     objective other than the first an optional 0/1 field of that name (missing = unlabelled).
+``impressions.jsonl`` (optional: impression scenarios such as news)
+    One JSON object per line: ``impression_id`` (integer >= 0, unique), ``user_id`` (str, in the log),
+    ``timestamp`` (number), ``candidates`` (non-empty list of catalog item ids) and ``clicks`` (0/1 per
+    candidate). The impression's history is the user's interactions with a smaller timestamp (at least
+    one). Split by impression id: ``id mod 10`` in {0, 1} test, {2} validation, the rest train; a user
+    with a validation or test impression is an evaluation user whose log is never trained on.
 """
 
 from __future__ import annotations
@@ -32,10 +38,37 @@ from .files import atomic_folder
 ITEMS_FILE = "items.jsonl"
 INTERACTIONS_FILE = "interactions.jsonl"
 SCENARIO_FILE = "scenario.json"
+IMPRESSIONS_FILE = "impressions.jsonl"
+IMPRESSION_SPLITS = {"test": (0, 1), "valid": (2,)}  # impression id mod 10; every other id is train
 
 
 class DataError(ValueError):
     """Malformed scenario data; the message names file, line and field."""
+
+
+@dataclass
+class ImpressionLog:
+    """Impressions of a scenario: candidate lists with click labels, each seen by one user at one time."""
+
+    impression_ids: np.ndarray  # (M,) int
+    users: np.ndarray  # (M,) user index into Scenario.users
+    timestamps: np.ndarray  # (M,) float
+    history_lengths: np.ndarray  # (M,) how many of the user's (time-ordered) interactions precede it
+    candidates: list[np.ndarray]  # per impression: item indices
+    clicks: list[np.ndarray]  # per impression: 0/1 per candidate
+
+    def positions(self, split: str) -> np.ndarray:
+        """Impression positions of ``split`` ("train", "valid", "test") by impression id mod 10."""
+        return impression_positions(self.impression_ids, split)
+
+
+def impression_positions(impression_ids: np.ndarray, split: str) -> np.ndarray:
+    """Positions of the impressions of ``split``: id mod 10 in {0, 1} test, {2} validation, the rest train."""
+    if split not in ("train", *IMPRESSION_SPLITS):
+        raise ValueError(f"unknown split {split!r}")
+    held_out = [r for rs in IMPRESSION_SPLITS.values() for r in rs]
+    wanted = IMPRESSION_SPLITS.get(split, tuple(r for r in range(10) if r not in held_out))
+    return np.flatnonzero(np.isin(np.asarray(impression_ids) % 10, wanted))
 
 
 @dataclass
@@ -52,6 +85,7 @@ class Scenario:
     categories: list[str | None] | None = None  # (N,) item category where given; None: no categories
     values: np.ndarray | None = None  # (N,) item value (price, margin, ...), nan where unknown; None: no values
     skipped: dict[str, int] = field(default_factory=dict)  # lenient mode: reason -> rows skipped
+    impressions: ImpressionLog | None = None  # impression scenarios (news): evaluated on impressions
 
     @property
     def num_items(self) -> int:
@@ -64,13 +98,22 @@ class Scenario:
 
 @dataclass
 class Split:
-    """Leave-one-out split: the last item of each user is test, the one before it validation."""
+    """Leave-one-out split: the last item of each user is test, the one before it validation.
+
+    Impression scenarios (``Scenario.impressions``) split by impression instead: evaluation users
+    (those with a validation or test impression) have an empty training sequence, every other user
+    trains on their whole log; ``valid_target``/``test_target`` hold the first clicked candidate of
+    the user's validation/test impression, -1 where the user has none in that split, and
+    ``valid_impressions``/``test_impressions`` the impression positions to evaluate.
+    """
 
     train: list[np.ndarray]  # per user: training sequence (every user, possibly all of it)
     train_labels: dict[str, list[np.ndarray]]
     eval_users: np.ndarray  # users with >= 3 interactions (they have a validation and a test item)
     valid_target: np.ndarray  # (U,) item index
     test_target: np.ndarray  # (U,)
+    valid_impressions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    test_impressions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def natural_key(identifier: str) -> tuple[int, int | str]:
@@ -79,7 +122,10 @@ def natural_key(identifier: str) -> tuple[int, int | str]:
 
 
 def leave_one_out(scenario: Scenario) -> Split:
-    """Split every user with at least three interactions: ..., validation, test."""
+    """Split every user with at least three interactions: ..., validation, test (impression scenarios:
+    :func:`impression_split`)."""
+    if scenario.impressions is not None:
+        return impression_split(scenario, scenario.impressions)
     train, eval_users, valid, test = [], [], [], []
     train_labels: dict[str, list[np.ndarray]] = {k: [] for k in scenario.labels}
     for u, seq in enumerate(scenario.sequences):
@@ -98,6 +144,25 @@ def leave_one_out(scenario: Scenario) -> Split:
         valid_target=np.asarray(valid, dtype=np.int64),
         test_target=np.asarray(test, dtype=np.int64),
     )
+
+
+def impression_split(scenario: Scenario, log: ImpressionLog) -> Split:
+    """Split by impression id; evaluation users' logs are evaluation input only (see :class:`Split`)."""
+    valid, test = log.positions("valid"), log.positions("test")
+    eval_users = np.unique(log.users[np.concatenate([valid, test])])
+    row = {int(u): i for i, u in enumerate(eval_users)}
+    targets = {name: np.full(len(eval_users), -1, dtype=np.int64) for name in ("valid", "test")}
+    for name, positions in (("valid", valid), ("test", test)):
+        for m in positions[np.argsort(-log.timestamps[positions], kind="stable")]:  # the earliest one wins
+            clicked = log.candidates[m][log.clicks[m] == 1]
+            if len(clicked):
+                targets[name][row[int(log.users[m])]] = clicked[0]
+    held = set(row)
+    train = [seq[:0] if u in held else seq for u, seq in enumerate(scenario.sequences)]
+    train_labels = {
+        k: [lab[:0] if u in held else lab for u, lab in enumerate(labs)] for k, labs in scenario.labels.items()
+    }
+    return Split(train, train_labels, eval_users, targets["valid"], targets["test"], valid, test)
 
 
 def _read_jsonl(path: Path, lenient: bool, skipped: Counter[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -212,13 +277,18 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
 
     users = sorted(rows, key=natural_key)
     sequences: list[np.ndarray] = []
+    stamps: list[np.ndarray] = []
     labels: dict[str, list[np.ndarray]] = {o: [] for o in labelled}
     item_ids = list(item_index)
     for user in users:
         events = sorted(rows[user], key=lambda r: (r[0], natural_key(item_ids[r[1]])))  # time, then item id
         sequences.append(np.asarray([e[1] for e in events], dtype=np.int64))
+        stamps.append(np.asarray([e[0] for e in events], dtype=np.float64))
         for j, o in enumerate(labelled):
             labels[o].append(np.asarray([e[2][j] for e in events], dtype=np.float32))
+    impressions = None
+    if (folder / IMPRESSIONS_FILE).is_file():
+        impressions = _load_impressions(folder / IMPRESSIONS_FILE, item_index, users, stamps, lenient, skipped)
     return Scenario(
         name=name,
         objectives=tuple(objectives),
@@ -230,6 +300,71 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
         categories=None if all(c is None for c in categories) else categories,
         values=None if all(math.isnan(v) for v in values) else np.asarray(values, dtype=np.float32),
         skipped=dict(skipped),
+        impressions=impressions,
+    )
+
+
+def _load_impressions(
+    path: Path,
+    item_index: dict[str, int],
+    users: list[str],
+    stamps: list[np.ndarray],
+    lenient: bool,
+    skipped: Counter[str],
+) -> ImpressionLog:
+    """Validate ``impressions.jsonl`` against the catalog and the (time-ordered) log."""
+    user_index = {u: i for i, u in enumerate(users)}
+    seen: set[int] = set()
+    ids, owners, times, lengths, candidates, clicks = [], [], [], [], [], []
+    for lineno, obj in _read_jsonl(path, lenient, skipped):
+        where = f"{path}:{lineno}"
+        try:
+            imp = obj.get("impression_id")
+            if isinstance(imp, bool) or not isinstance(imp, int) or imp < 0:
+                raise DataError(f"{where}: field 'impression_id' must be an integer >= 0, got {imp!r}")
+            if imp in seen:
+                raise DataError(f"{where}: field 'impression_id' {imp} repeats an earlier impression")
+            user = _field(obj, "user_id", "str", where)
+            ts = float(_field(obj, "timestamp", "number", where))
+            cands, labs = obj.get("candidates"), obj.get("clicks")
+            if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
+                raise DataError(f"{where}: field 'candidates' must be a non-empty list of item ids")
+            unknown = [c for c in cands if c not in item_index]
+            if unknown:
+                raise DataError(f"{where}: field 'candidates' item {unknown[0]!r} is not in {ITEMS_FILE}")
+            if (
+                not isinstance(labs, list)
+                or len(labs) != len(cands)
+                or any(isinstance(v, bool) or v not in (0, 1) for v in labs)
+            ):
+                raise DataError(f"{where}: field 'clicks' must be a list of 0/1, one per candidate")
+            if user not in user_index:
+                raise DataError(f"{where}: field 'user_id' {user!r} has no interactions (empty history)")
+            history = int(np.searchsorted(stamps[user_index[user]], ts, side="left"))
+            if history == 0:
+                raise DataError(f"{where}: field 'timestamp' {ts:g}: user {user!r} has no earlier interaction")
+        except DataError as exc:
+            if not lenient:
+                raise
+            reason = str(exc).split(": ", 1)[1]
+            skipped[f"{IMPRESSIONS_FILE}: {reason.split(' got ')[0].split(' {')[0]}"] += 1
+            continue
+        seen.add(imp)
+        ids.append(imp)
+        owners.append(user_index[user])
+        times.append(ts)
+        lengths.append(history)
+        candidates.append(np.asarray([item_index[c] for c in cands], dtype=np.int64))
+        clicks.append(np.asarray(labs, dtype=np.int64))
+    if not ids:
+        raise DataError(f"{path}: no valid impressions")
+    return ImpressionLog(
+        impression_ids=np.asarray(ids, dtype=np.int64),
+        users=np.asarray(owners, dtype=np.int64),
+        timestamps=np.asarray(times, dtype=np.float64),
+        history_lengths=np.asarray(lengths, dtype=np.int64),
+        candidates=candidates,
+        clicks=clicks,
     )
 
 
@@ -259,3 +394,16 @@ def write_scenario(folder: str | os.PathLike[str], scenario: Scenario, timestamp
                         if not math.isnan(lab[u][j]):
                             row[o] = int(lab[u][j])
                     fh.write(json.dumps(row) + "\n")
+        log = scenario.impressions
+        if log is not None:
+            with (tmp / IMPRESSIONS_FILE).open("w", encoding="utf-8") as fh:
+                for m, imp in enumerate(log.impression_ids):
+                    ts = float(log.timestamps[m])
+                    impression = {
+                        "impression_id": int(imp),
+                        "user_id": scenario.users[log.users[m]],
+                        "timestamp": int(ts) if ts.is_integer() else ts,
+                        "candidates": [scenario.item_ids[i] for i in log.candidates[m]],
+                        "clicks": [int(c) for c in log.clicks[m]],
+                    }
+                    fh.write(json.dumps(impression) + "\n")

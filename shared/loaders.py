@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Scenario, natural_key
+from .data import DataError, ImpressionLog, Scenario, impression_positions, natural_key
 
 Loaded = tuple[Scenario, list[np.ndarray]]
 
@@ -260,8 +260,7 @@ class Impressions:
 
     def split(self, name: str) -> list[int]:
         """Impression positions of a split: id mod 10 in {0, 1} test, {2} validation, the rest train."""
-        wanted = {"test": {0, 1}, "valid": {2}, "train": set(range(3, 10))}[name]
-        return [i for i, imp in enumerate(self.impression_ids) if imp % 10 in wanted]
+        return impression_positions(np.asarray(self.impression_ids, dtype=np.int64), name).tolist()
 
 
 def load_mind(folder: str | Path, *, lenient: bool = False) -> Impressions:
@@ -294,6 +293,8 @@ def load_mind(folder: str | Path, *, lenient: bool = False) -> Impressions:
                 raise DataError(f"{where}: field 'history/impressions' news id {unknown[0]!r} is not in news.tsv")
             if not cands or any(len(c) != 2 or c[1] not in ("0", "1") for c in cands):
                 raise DataError(f"{where}: field 'impressions' must be news_id-0/1 entries")
+            if not history:
+                raise DataError(f"{where}: field 'history' is empty (the user model needs at least one click)")
         except DataError as exc:
             _guard(lenient, skipped, exc)
             continue
@@ -302,3 +303,39 @@ def load_mind(folder: str | Path, *, lenient: bool = False) -> Impressions:
         candidates.append(np.asarray([index[c[0]] for c in cands], dtype=np.int64))
         clicks.append(np.asarray([int(c[1]) for c in cands], dtype=np.int64))
     return Impressions(list(index), texts, imp_ids, histories, candidates, clicks)
+
+
+def mind_scenario(imp: Impressions, name: str = "news") -> Loaded:
+    """A canonical impression scenario: one pseudo-user ``I<impression id>`` per impression (the sample has
+    no user ids), whose log is the impression's history (timestamps 0..h-1, oldest first) and its clicks
+    (timestamp h, the impression's time); engagement is the only objective."""
+    users = [f"I{i}" for i in imp.impression_ids]
+    if len(set(users)) != len(users):
+        raise DataError("behaviors.tsv: impression ids repeat")
+    sequences, stamps = [], []
+    for history, cands, clicks in zip(imp.histories, imp.candidates, imp.clicks, strict=True):
+        clicked = np.asarray(sorted(cands[clicks == 1], key=lambda i: natural_key(imp.item_ids[i])), dtype=np.int64)
+        sequences.append(np.concatenate([history, clicked]).astype(np.int64))
+        stamps.append(np.concatenate([np.arange(len(history)), np.full(len(clicked), len(history))]).astype(float))
+    order = sorted(range(len(users)), key=lambda u: natural_key(users[u]))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    log = ImpressionLog(
+        impression_ids=np.asarray(imp.impression_ids, dtype=np.int64),
+        users=rank,
+        timestamps=np.asarray([len(h) for h in imp.histories], dtype=np.float64),
+        history_lengths=np.asarray([len(h) for h in imp.histories], dtype=np.int64),
+        candidates=list(imp.candidates),
+        clicks=list(imp.clicks),
+    )
+    scenario = Scenario(
+        name=name,
+        objectives=("engagement",),
+        item_ids=list(imp.item_ids),
+        texts=list(imp.texts),
+        users=[users[u] for u in order],
+        sequences=[sequences[u] for u in order],
+        labels={},
+        impressions=log,
+    )
+    return scenario, [stamps[u] for u in order]
