@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -49,7 +50,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _executable(name: str) -> str:
+def executable(name: str) -> str:
     """A console script of this environment (beside the running interpreter), else from PATH."""
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
@@ -82,19 +83,38 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, what: str) -> None:
-    """Wait until ``url`` answers 2xx; raise if the process exits first or ``timeout`` passes."""
+def wait_healthy(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, what: str, ca_file: Path | None = None
+) -> None:
+    """Wait until ``url`` answers 2xx (an https URL verified against ``ca_file``); raise if the process exits
+    first or ``timeout`` passes."""
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             detail = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
             raise RuntimeError(f"{what} exited with code {proc.returncode} {detail}".strip())
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1.0).is_success:
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} was not healthy within {timeout:.0f}s")
         time.sleep(0.25)
+
+
+def write_connection(flwr_home: Path, address: str, root_certificates: Path | None = None) -> str:
+    """Write ``FLWR_HOME/config.toml`` naming one SuperLink connection (TLS when ``root_certificates`` is
+    given, else insecure) as the default; returns the connection name."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = (
+        f"root-certificates = {toml_value(str(root_certificates.resolve()))}\n"
+        if root_certificates
+        else "insecure = true\n"
+    )
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}'
+    )
+    return CONNECTION
 
 
 @contextlib.contextmanager
@@ -104,14 +124,10 @@ def simulation_superlink(flwr_home: Path, log_file: Path, startup_timeout: float
     Writes ``FLWR_HOME/config.toml`` with that connection. On exit the SuperLink and every process
     below it (simulation runtime, ServerApp, Ray workers) are stopped.
     """
-    flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
+    write_connection(flwr_home, f"127.0.0.1:{port}")
     command = [
-        _executable("flower-superlink"),
+        executable("flower-superlink"),
         "--simulation",
         "--insecure",
         "--disable-runtime-dependency-installation",
@@ -157,7 +173,7 @@ def flwr_run(
     """``flwr run APP CONNECTION --stream`` on the simulation SuperLink; returns its exit code."""
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     command = [
-        _executable("flwr"),
+        executable("flwr"),
         "run",
         str(app_dir),
         CONNECTION,

@@ -43,6 +43,31 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--weights", default=None, help='e.g. "engagement=1,satisfaction=0.5"')
             p.add_argument("--diversity", type=float, default=None)
             p.add_argument("--exclude-seen", action="store_true")
+    certs = sub.add_parser("certs", help="make a local CA, a SuperLink certificate and SuperNode keys (for trying)")
+    certs.add_argument("out", help="output folder (must not hold earlier certificates)")
+    certs.add_argument("--host", action="append", default=[], help="a name or IP the SuperLink is reached at (repeat)")
+    certs.add_argument("--supernode", action="append", default=[], help="a SuperNode key pair to make (repeat)")
+    link = sub.add_parser("superlink", help="run a SuperLink (TLS, SuperNode authentication) until stopped")
+    link.add_argument("--state-dir", required=True, help="its state: database, log, runs/")
+    link.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    link.add_argument("--port", type=int, default=9093, help="the one port SuperNodes and `submit` use")
+    link.add_argument("--ca", required=True, help="CA certificate (ca.crt)")
+    link.add_argument("--cert", required=True, help="SuperLink certificate (server.pem)")
+    link.add_argument("--key", required=True, help="its private key (server.key)")
+    link.add_argument("--register", action="append", default=[], help="a SuperNode public key to admit (repeat)")
+    submit = sub.add_parser("submit", help="run federated rounds on a SuperLink, streaming the server log")
+    submit.add_argument("--superlink", required=True, help="host:port of the SuperLink")
+    submit.add_argument("--ca", required=True, help="CA certificate (ca.crt)")
+    submit.add_argument("--run-config", default="", help="overrides, e.g. \"fed.rounds=4 run.dir='/srv/runs/a'\"")
+    client = sub.add_parser("client", help="run one scenario's client daemon (a SuperNode) until stopped")
+    client.add_argument("--superlink", required=True, help="host:port of the SuperLink")
+    client.add_argument("--data", required=True, help="the scenario folder")
+    client.add_argument("--ca", required=True, help="CA certificate (ca.crt)")
+    client.add_argument("--key", required=True, help="this SuperNode's private key")
+    client.add_argument("--state-dir", required=True, help="client state that must persist (privacy ledger, ...)")
+    client.add_argument("--scenario", default=None, help="refuse to start unless the data holds this scenario")
+    client.add_argument("--port", type=int, default=9094, help="local Runtime API port (one per SuperNode on a host)")
+    client.add_argument("--run-config", default="", help="config the data is checked against (model.objectives, ...)")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -61,10 +86,43 @@ def main(argv: list[str] | None = None) -> int:
             from .serving_cli import recommend, serve
 
             (recommend if args.command == "recommend" else serve)(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        elif args.command in ("certs", "superlink", "submit", "client"):
+            deploy(args)
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as exc:
         print(f"crossrec: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def deploy(args: argparse.Namespace) -> None:
+    """The deployed-federation commands (server/deploy.py, client/daemon.py, server/certs.py)."""
+    if args.command == "certs":
+        from server.certs import make_certificates
+
+        out = make_certificates(args.out, list(dict.fromkeys([*args.host, "localhost", "127.0.0.1"])), args.supernode)
+        print(f"wrote ca.crt, ca.key, server.pem, server.key and {len(args.supernode)} SuperNode key pairs to {out}")
+    elif args.command == "superlink":
+        from server.deploy import serve_superlink
+
+        serve_superlink(
+            Path(args.state_dir), args.host, args.port, Path(args.ca), Path(args.cert), Path(args.key),
+            [Path(k) for k in args.register],
+        )  # fmt: skip
+    elif args.command == "submit":
+        from server.deploy import submit
+
+        from .simulate import parse_overrides
+
+        submit(args.superlink, Path(args.ca), parse_overrides(args.run_config))
+    else:
+        from client.daemon import run_client
+
+        from .simulate import parse_overrides
+
+        run_client(
+            args.superlink, Path(args.data), Path(args.ca), Path(args.key), Path(args.state_dir), args.scenario,
+            args.port, parse_overrides(args.run_config),
+        )  # fmt: skip
 
 
 def convert(fmt: str, src: str, out: str, name: str | None, lenient: bool) -> None:
