@@ -96,8 +96,9 @@ class UserEncoder(nn.Module):
         self.recency = nn.Embedding(history, dim)  # position 0 = most recent item
         last = nn.Linear(hidden, 1)
         self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), last)
-        self.out = nn.Linear(dim, dim)
-        for param in (self.recency.weight, last.weight, last.bias, self.out.weight, self.out.bias):
+        up = nn.Linear(hidden, dim)
+        self.out = nn.Sequential(nn.Linear(dim, hidden), up)  # low-rank residual: small per-user gradients
+        for param in (self.recency.weight, last.weight, last.bias, up.weight, up.bias):
             nn.init.zeros_(param)  # at init: the plain mean of the history
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,244 @@
+"""User-level DP-SGD: accounting, the ledger across rounds and restarts, refusal, per-user gradients."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+
+from client.app import train
+from client.privacy import DPSGD, LEDGER, Ledger, epsilon_of, ledger_path, open_ledger, plan
+from client.training import build_model, loss_fn, make_batch, prepare, sample_users, train_round
+from server.rounds import initial_weights
+from server.strategy import CrossrecFedAvg, expected_from
+from shared.config import Config
+from shared.data import load_scenario
+from shared.records import ARRAYS, CONFIG, INFO, METRICS, to_arrayrecord
+
+pytestmark = pytest.mark.privacy
+
+
+def private(cfg: Config, epsilon: float = 8.0, **train) -> Config:
+    return dataclasses.replace(
+        cfg,
+        privacy=dataclasses.replace(cfg.privacy, epsilon=epsilon),
+        train=dataclasses.replace(cfg.train, **train),
+    )
+
+
+def test_epsilon_for_known_settings_matches_opacus_accountant():
+    # q = 0.01, sigma = 1.0, 1000 steps, delta = 1e-5: Opacus RDP accountant gives 2.1014
+    assert epsilon_of([(1.0, 0.01, 1000)], 1e-5) == pytest.approx(2.1013652716430564, abs=1e-9)
+    accountant = RDPAccountant()
+    for _ in range(1000):
+        accountant.step(noise_multiplier=1.0, sample_rate=0.01)
+    assert epsilon_of([(1.0, 0.01, 1000)], 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), abs=1e-12)
+    assert epsilon_of([(0.5, 0.1, 50)], 1e-4) == pytest.approx(22.4615, abs=1e-4)
+    assert epsilon_of([], 1e-5) == 0.0
+
+
+def test_two_rounds_of_k_steps_equal_one_run_of_2k_steps(tiny_cfg):
+    cfg = private(tiny_cfg)
+    rounds = plan(cfg, "video", num_users=500, trainable_users=400)
+    rounds.record(7, server_round=1)
+    rounds.record(7, server_round=2)
+    once = plan(cfg, "video", num_users=500, trainable_users=400)
+    once.record(14, server_round=1)
+    assert rounds.steps == once.steps == 14
+    assert rounds.epsilon() == pytest.approx(once.epsilon(), rel=1e-12)
+    assert rounds.epsilon() == pytest.approx(rounds.epsilon(0), rel=1e-12)
+
+
+def test_plan_spends_exactly_the_budget_over_the_planned_run(tiny_cfg):
+    cfg = private(tiny_cfg, epsilon=4.0)
+    ledger = plan(cfg, "shop", num_users=1000, trainable_users=800)
+    assert ledger.delta == pytest.approx(1e-4)  # 1 / (10 x users)
+    assert ledger.sample_rate == pytest.approx(tiny_cfg.train.batch_size / 800)
+    assert ledger.planned_steps == tiny_cfg.fed.rounds * tiny_cfg.train.local_steps
+    assert 3.9 <= ledger.epsilon(ledger.planned_steps) <= 4.0  # Opacus tolerance 0.01 below the target
+    assert ledger.refusal(ledger.planned_steps) is None
+    assert "exhausted" in str(ledger.refusal(ledger.planned_steps + 1))
+
+
+def test_dp_round_moves_lora_weights_and_records_nothing_itself(tiny_cfg, demo_dir):
+    cfg = private(tiny_cfg)
+    data = prepare(load_scenario(demo_dir / "video"), cfg)
+    model = build_model(cfg, data)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ledger = plan(cfg, "video", len(data.scenario.users), len(data.trainable_users))
+    stats = train_round(model, data, cfg, 1, DPSGD(ledger, cfg.train.batch_size))
+    after = dict(model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    assert lora and all(not torch.equal(after[n], before[n]) for n in lora)
+    assert all(not torch.equal(after[n], before[n]) for n in before)
+    assert stats["loss"] > 0 and ledger.steps == 0
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+
+
+def test_clipped_noiseless_dp_steps_lower_the_loss_through_lora(tiny_cfg, demo_dir):
+    """Noise 0 makes DP-SGD clipped SGD: the loss on a fixed batch must fall, with LoRA alone trainable."""
+    cfg = private(tiny_cfg, local_steps=15)
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    model = build_model(cfg, data)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    table = model.item_table()
+    rng = np.random.default_rng(0)
+    batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
+    ledger = dataclasses.replace(plan(cfg, "shop", 360, 360), noise_multiplier=0.0, max_grad_norm=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    first = float(loss_fn(model, *batch, table, 0.5)[0])
+    with DPSGD(ledger, len(batch[1])).attached(model, torch.optim.SGD(params, lr=2.0)) as optimizer:
+        for _ in range(cfg.train.local_steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model, *batch, table, 0.5)[0].backward()
+            optimizer.step()
+    assert float(loss_fn(model, *batch, table, 0.5)[0]) < first - 0.05
+
+
+def test_per_example_gradient_is_the_gradient_of_that_user_alone(tiny_cfg, demo_dir):
+    """The unit of privacy: user b's per-sample gradient equals the gradient of b's loss computed alone."""
+    data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    table = model.item_table()
+    rng = np.random.default_rng(3)
+    history, target, labels, negatives = make_batch(
+        data, tiny_cfg, sample_users(data, tiny_cfg, rng, poisson=False), model.num_items, rng
+    )
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    loss_fn(model, history, target, labels, negatives, table, 0.5)[0].backward()
+    per_sample = {n: p.grad_sample.clone() for n, p in params.items()}
+    wrapped._close()
+    for b in (0, 5):
+        model.zero_grad(set_to_none=True)
+        one = slice(b, b + 1)
+        loss_fn(model, history[one], target[one], labels[one], negatives[one], table, 0.5)[0].backward()
+        for n, p in params.items():
+            assert torch.allclose(per_sample[n][b], p.grad, atol=1e-6), n
+
+
+def test_empty_poisson_batches_are_noise_only_steps(tiny_cfg, demo_dir):
+    cfg = private(tiny_cfg, batch_size=1, local_steps=12)  # rate 1/360: about a third of the steps sample nobody
+    data = prepare(load_scenario(demo_dir / "news"), cfg)
+    rng = np.random.default_rng(0)
+    assert sum(len(sample_users(data, cfg, rng, poisson=True)) == 0 for _ in range(12)) >= 3
+    model = build_model(cfg, data)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_round(model, data, cfg, 1, DPSGD(plan(cfg, "news", 360, 360), 1))
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _context(cfg: Config, demo_dir, scenario: str, state_dir) -> Context:
+    node = {"scenario": scenario, "data-dir": str(demo_dir / scenario), "state-dir": str(state_dir)}
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_flat())
+
+
+def _train_message(cfg: Config, server_round: int) -> Message:
+    _, weights, _ = initial_weights(cfg)
+    content = RecordDict({ARRAYS: to_arrayrecord(weights), CONFIG: ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=7, message_type="train")
+
+
+RESTARTED_CLIENT = """
+import json, sys
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+sys.path.insert(0, sys.argv[1])
+from test_privacy import _context, _train_message
+from client.app import train
+from shared.config import Config
+from pathlib import Path
+cfg = Config.from_run_config(json.loads(sys.argv[2]))
+out = train(_train_message(cfg, 2), _context(cfg, Path(sys.argv[3]), "video", Path(sys.argv[4])))
+print(json.dumps(dict(out.content.metric_records["metrics"])))
+"""
+
+
+def test_ledger_survives_a_process_restart_and_refuses_over_budget(tiny_cfg, demo_dir, tmp_path):
+    cfg = Config.from_run_config(private(tiny_cfg).to_flat() | {"fed.rounds": 2})
+    state = tmp_path / "state"
+    first = train(_train_message(cfg, 1), _context(cfg, demo_dir, "video", state))
+    ledger = Ledger.load(state / LEDGER)
+    k = cfg.train.local_steps
+    assert ledger.steps == k and ledger.rounds == [1]
+    reported = first.content.metric_records[METRICS]
+    assert reported["privacy.epsilon"] == pytest.approx(
+        epsilon_of([(ledger.noise_multiplier, ledger.sample_rate, k)], ledger.delta)
+    )
+    assert reported["privacy.delta"] == pytest.approx(1 / 3600)
+
+    # round 2 in a new process continues the stored ledger
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RESTARTED_CLIENT,
+            str(__import__("pathlib").Path(__file__).parent),
+            json.dumps(cfg.to_flat()),
+            str(demo_dir),
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    second = json.loads(done.stdout.strip().splitlines()[-1])
+    ledger = Ledger.load(state / LEDGER)
+    assert ledger.steps == 2 * k and ledger.rounds == [1, 2]
+    assert second["privacy.epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-12)
+    assert ledger.epsilon() == pytest.approx(
+        epsilon_of([(ledger.noise_multiplier, ledger.sample_rate, 2 * k)], ledger.delta)
+    )
+    assert second["privacy.epsilon"] <= cfg.privacy.epsilon
+
+    # the planned run is spent: a third round is refused, the ledger is unchanged, the run continues without it
+    refused = train(_train_message(cfg, 3), _context(cfg, demo_dir, "video", state))
+    assert ARRAYS not in refused.content.array_records
+    assert "privacy budget of scenario 'video' exhausted" in refused.content.config_records[INFO]["refused"]
+    assert Ledger.load(state / LEDGER).steps == 2 * k
+    others = [train(_train_message(cfg, 3), _context(cfg, demo_dir, s, tmp_path / s)) for s in ("shop", "news")]
+    _, weights, _ = initial_weights(cfg)
+    strategy = CrossrecFedAvg(expected_from(weights), weighting="examples", min_clients=2)
+    record, _ = strategy.aggregate_train(3, [refused, *others])
+    assert record is not None and set(strategy.train_metrics) == {"shop", "news"}
+    assert any('video: client refused: "privacy budget' in d for d in strategy.dropped), strategy.dropped
+
+
+def test_ledger_location_and_replanning_is_refused(tiny_cfg, tmp_path):
+    cfg = private(tiny_cfg)
+    assert ledger_path(cfg, {"state-dir": str(tmp_path)}, "news") == tmp_path / LEDGER
+    with_run = Config.from_run_config(cfg.to_flat() | {"run.dir": str(tmp_path / "run")})
+    assert ledger_path(with_run, {"partition-id": 0}, "news") == tmp_path / "run/clients/news" / LEDGER
+    with pytest.raises(ValueError, match="needs a place for the privacy ledger"):
+        ledger_path(cfg, {"partition-id": 0}, "news")
+    plan(cfg, "news", 100, 100).save(tmp_path / LEDGER)
+    other = private(tiny_cfg, epsilon=2.0)
+    with pytest.raises(ValueError, match="planned with target_epsilon = 8.0, the config now gives 2.0"):
+        open_ledger(other, tmp_path / LEDGER, "news", 100, 100)
+    (tmp_path / LEDGER).write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        open_ledger(cfg, tmp_path / LEDGER, "news", 100, 100)
+
+
+def test_resumed_simulation_continues_the_ledger_of_the_run_it_resumes(tiny_cfg, tmp_path):
+    old = tmp_path / "runs/old"
+    spent = plan(private(tiny_cfg), "news", 100, 100)
+    spent.record(5, 1)
+    spent.save(old / "clients/news" / LEDGER)
+    flat = private(tiny_cfg).to_flat() | {
+        "run.dir": str(tmp_path / "runs/new"),
+        "run.resume": str(old / "checkpoints/round-0001"),
+    }
+    cfg = Config.from_run_config(flat)
+    ledger = open_ledger(cfg, ledger_path(cfg, {}, "news"), "news", 100, 100)
+    assert ledger.steps == 5 and ledger.epsilon() == spent.epsilon()
