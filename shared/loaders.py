@@ -17,7 +17,7 @@ import csv
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +257,7 @@ class Impressions:
     histories: list[np.ndarray]  # item rows, oldest first (may be empty)
     candidates: list[np.ndarray]  # item rows
     clicks: list[np.ndarray]  # 0/1 per candidate
+    skipped: dict[str, int] = field(default_factory=dict)  # lenient mode: reason -> rows skipped
 
     def split(self, name: str) -> list[int]:
         """Impression positions of a split: id mod 10 in {0, 1} test, {2} validation, the rest train."""
@@ -302,7 +303,7 @@ def load_mind(folder: str | Path, *, lenient: bool = False) -> Impressions:
         histories.append(np.asarray([index[n] for n in history], dtype=np.int64))
         candidates.append(np.asarray([index[c[0]] for c in cands], dtype=np.int64))
         clicks.append(np.asarray([int(c[1]) for c in cands], dtype=np.int64))
-    return Impressions(list(index), texts, imp_ids, histories, candidates, clicks)
+    return Impressions(list(index), texts, imp_ids, histories, candidates, clicks, dict(skipped))
 
 
 def mind_scenario(imp: Impressions, name: str = "news") -> Loaded:
@@ -336,6 +337,26 @@ def mind_scenario(imp: Impressions, name: str = "news") -> Loaded:
         users=[users[u] for u in order],
         sequences=[sequences[u] for u in order],
         labels={},
+        skipped=dict(imp.skipped),
         impressions=log,
     )
     return scenario, [stamps[u] for u in order]
+
+
+PUBLIC_FORMATS = ("movielens", "ml-100k", "amazon", "mind")
+
+
+def load_public(fmt: str, src: str | Path, *, name: str | None = None, lenient: bool = False) -> Loaded:
+    """A public dataset folder through its validating loader: ``movielens`` (ml-latest-small), ``ml-100k``,
+    ``amazon`` (UniSRec, ``Scientific`` prefix) or ``mind``; default names movies / ecommerce / news."""
+    if fmt == "amazon":
+        if lenient:
+            raise ValueError("lenient: the UniSRec files must match each other exactly; fix them instead")
+        return load_amazon_unisrec(src, name=name or "ecommerce")
+    if fmt == "movielens":
+        return load_movielens_latest(src, lenient=lenient, name=name or "movies")
+    if fmt == "ml-100k":
+        return load_movielens_100k(src, lenient=lenient, name=name or "movies")
+    if fmt == "mind":
+        return mind_scenario(load_mind(src, lenient=lenient), name=name or "news")
+    raise ValueError(f"unknown dataset format {fmt!r} (known: {', '.join(PUBLIC_FORMATS)})")

@@ -20,11 +20,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("out", help="output folder (one sub-folder per scenario)")
     demo.add_argument("--seed", type=int, default=0)
     conv = sub.add_parser("convert", help="write a public dataset as a canonical scenario folder")
-    conv.add_argument("format", choices=["movielens", "ml-100k", "amazon"])
+    conv.add_argument("format", choices=["movielens", "ml-100k", "amazon", "mind"])
     conv.add_argument("src", help="the dataset folder (e.g. ../shared/data/movies/ml-latest-small)")
     conv.add_argument("out", help="the scenario folder to write")
-    conv.add_argument("--name", default=None, help="scenario name (default: movies / ecommerce)")
+    conv.add_argument("--name", default=None, help="scenario name (default: movies / ecommerce / news)")
     conv.add_argument("--lenient", action="store_true", help="skip malformed rows and report them")
+    bench = sub.add_parser("benchmark", help="real public scenarios: every reference point on the same splits")
+    bench.add_argument(
+        "--data", default=None, help="benchmark data directory (default: ../shared/data beside the repo)"
+    )
+    bench.add_argument(
+        "--scenarios",
+        default="movies,ecommerce,news",
+        help="known names (movies, ml-100k, ecommerce, news) or NAME=FORMAT:PATH",
+    )
+    bench.add_argument("--run-config", default="", help='overrides of the benchmark defaults, e.g. "fed.rounds=3"')
+    bench.add_argument("--runs-dir", default="runs", help="where the run folder goes (default: runs)")
+    bench.add_argument("--epsilons", default="", help="add private federated references, e.g. 1,4,8")
+    bench.add_argument("--references", default="federated,zero_shot,popularity,local,centralized", help="subset to run")
     for name, text in (("recommend", "print recommendations from a checkpoint"), ("serve", "run the HTTP service")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest round)")
@@ -80,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
             from shared.demo import write_demo_federation
 
             print("wrote", ", ".join(write_demo_federation(args.out, seed=args.seed)), "to", args.out)
+        elif args.command == "benchmark":
+            from .benchmark import benchmark, parse_epsilons
+
+            benchmark(
+                args.data,
+                args.scenarios,
+                args.run_config,
+                args.runs_dir,
+                parse_epsilons(args.epsilons),
+                [r.strip() for r in args.references.split(",") if r.strip()],
+            )
         elif args.command == "convert":
             convert(args.format, args.src, args.out, args.name, args.lenient)
         elif args.command in ("recommend", "serve"):
@@ -128,16 +152,9 @@ def deploy(args: argparse.Namespace) -> None:
 def convert(fmt: str, src: str, out: str, name: str | None, lenient: bool) -> None:
     """Load a public dataset with its validating loader and write it in the canonical format."""
     from shared.data import write_scenario
-    from shared.loaders import load_amazon_unisrec, load_movielens_100k, load_movielens_latest
+    from shared.loaders import load_public
 
-    if fmt == "amazon":
-        if lenient:
-            raise ValueError("--lenient: the UniSRec files must match each other exactly; fix them instead")
-        scenario, stamps = load_amazon_unisrec(src, name=name or "ecommerce")
-    elif fmt == "movielens":
-        scenario, stamps = load_movielens_latest(src, lenient=lenient, name=name or "movies")
-    else:
-        scenario, stamps = load_movielens_100k(src, lenient=lenient, name=name or "movies")
+    scenario, stamps = load_public(fmt, src, name=name, lenient=lenient)
     write_scenario(out, scenario, stamps)
     print(
         f"wrote {scenario.name}: {scenario.num_items} items, {len(scenario.users)} users, "

@@ -1,13 +1,25 @@
-"""Reference points trained or scored in-process on the same splits as the federation."""
+"""Reference points trained or scored in-process on the same splits as the federation.
+
+- ``popularity``: items ranked by their count in the training split;
+- ``zero_shot``: the model at initialisation (frozen encoder, user = mean of the history vectors, cosine);
+- ``local``: each scenario alone, same model, initial weights, rounds and steps as a federated client;
+- ``centralized``: every scenario's training data pooled in one process (one catalog, batches drawn from
+  all users), same model and total steps as the federation: an upper reference, never a deployment mode.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from client.evaluation import evaluate, popularity_metrics
+import numpy as np
+import torch
+
+from client.evaluation import evaluate, frozen_table, popularity_metrics
 from client.training import LocalData, build_model, train_round
 from shared.config import Config
+from shared.data import Scenario, Split
 
 Row = dict[str, Any]
 
@@ -21,16 +33,41 @@ def split_metrics(flat: dict[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
-def popularity_rows(datasets: Iterable[LocalData]) -> list[Row]:
+def primary_metric(row: Row) -> str:
+    """The metric a row is selected on: AUC for impression scenarios (news), NDCG@10 otherwise."""
+    return "auc" if "auc" in row["valid"] else "ndcg@10"
+
+
+def popularity_rows(datasets: Iterable[LocalData], vectors: dict[str, torch.Tensor] | None = None) -> list[Row]:
+    """Popularity per scenario; ILD/coverage of its top 10 where the scenario's frozen item vectors are given."""
     return [
-        {"round": 0, "scenario": d.scenario.name, "reference": "popularity", **split_metrics(popularity_metrics(d))}
+        {
+            "round": 0,
+            "scenario": d.scenario.name,
+            "reference": "popularity",
+            **split_metrics(popularity_metrics(d, (vectors or {}).get(d.scenario.name))),
+        }
         for d in datasets
     ]
+
+
+def zero_shot_rows(cfg: Config, datasets: Iterable[LocalData]) -> tuple[list[Row], dict[str, torch.Tensor]]:
+    """The untrained model: LoRA at init is the frozen encoder, the user model at init the plain mean of the
+    last ``model.history`` item vectors, and the head at init ranks by their cosine. Also returns each
+    scenario's frozen item vectors (the model's item table at init)."""
+    rows, vectors = [], {}
+    for d in datasets:
+        model = build_model(cfg, d)
+        table = vectors[d.scenario.name] = model.item_table()
+        flat = evaluate(model, d, cfg, table=table, vectors=table)
+        rows.append({"round": 0, "scenario": d.scenario.name, "reference": "zero_shot", **split_metrics(flat)})
+    return rows, vectors
 
 
 def local_rows(cfg: Config, data: LocalData, on_row: Callable[[Row], None] | None = None) -> list[Row]:
     """One scenario alone: the same model, initial weights, rounds and steps as a federated client."""
     model = build_model(cfg, data)  # same seed as the server's initial weights
+    vectors = frozen_table(model)
     rows: list[Row] = []
     for server_round in range(1, cfg.fed.rounds + 1):
         stats = train_round(model, data, cfg, server_round)
@@ -39,7 +76,7 @@ def local_rows(cfg: Config, data: LocalData, on_row: Callable[[Row], None] | Non
             "scenario": data.scenario.name,
             "reference": "local",
             "train": stats,
-            **split_metrics(evaluate(model, data, cfg)),
+            **split_metrics(evaluate(model, data, cfg, vectors=vectors)),
         }
         rows.append(row)
         if on_row:
@@ -47,21 +84,96 @@ def local_rows(cfg: Config, data: LocalData, on_row: Callable[[Row], None] | Non
     return rows
 
 
-def select_rounds(rows: list[Row], metric: str = "ndcg@10") -> dict[str, Row]:
-    """Per scenario, the row of the round with the best *validation* metric (earliest on ties).
+def pool(datasets: Sequence[LocalData]) -> tuple[LocalData, list[int]]:
+    """Every scenario's training split in one dataset over the concatenated catalogs (ids prefixed
+    ``NAME/``); returns it and each scenario's item offset. Nothing of any evaluation split is included."""
+    offsets = np.cumsum([0] + [d.scenario.num_items for d in datasets[:-1]]).tolist()
+    user_offsets = np.cumsum([0] + [len(d.split.train) for d in datasets[:-1]]).tolist()
+    labelled = sorted({k for d in datasets for k in d.split.train_labels})
+    train = [seq + off for d, off in zip(datasets, offsets, strict=True) for seq in d.split.train]
+    labels = {
+        k: [
+            d.split.train_labels[k][u] if k in d.split.train_labels else np.full(len(seq), np.nan, dtype=np.float32)
+            for d in datasets
+            for u, seq in enumerate(d.split.train)
+        ]
+        for k in labelled
+    }
+    scenario = Scenario(
+        name="pooled",
+        objectives=datasets[0].scenario.objectives[:1] + tuple(labelled),
+        item_ids=[f"{d.scenario.name}/{i}" for d in datasets for i in d.scenario.item_ids],
+        texts=[t for d in datasets for t in d.scenario.texts],
+        users=[f"{d.scenario.name}/{u}" for d in datasets for u in d.scenario.users],
+        sequences=train,
+        labels=labels,
+    )
+    empty = np.zeros(0, dtype=np.int64)
+    split = Split(train=train, train_labels=labels, eval_users=empty, valid_target=empty, test_target=empty)
+    users = np.concatenate([d.trainable_users + off for d, off in zip(datasets, user_offsets, strict=True)])
+    return LocalData(scenario, split, users, sum(d.num_examples for d in datasets)), offsets
 
-    Federated rows are one global model, so their round is chosen on the macro average over
-    scenarios; local rows are separate models, chosen per scenario.
+
+def centralized_rows(
+    cfg: Config, datasets: Sequence[LocalData], on_row: Callable[[Row], None] | None = None
+) -> list[Row]:
+    """One model on the pooled data: per round ``train.local-steps`` x scenarios steps (the federation's
+    total), then each scenario evaluated on its own catalog (a slice of the pooled item table)."""
+    pooled, offsets = pool(datasets)
+    steps = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, local_steps=cfg.train.local_steps * len(datasets))
+    )
+    model = build_model(cfg, pooled)
+    vectors = frozen_table(model)
+    rows: list[Row] = []
+    for server_round in range(1, cfg.fed.rounds + 1):
+        stats = train_round(model, pooled, steps, server_round)
+        table = model.item_table()
+        for d, off in zip(datasets, offsets, strict=True):
+            part = slice(off, off + d.scenario.num_items)
+            flat = evaluate(model, d, cfg, table=table[part], vectors=vectors[part])
+            row: Row = {"round": server_round, "scenario": d.scenario.name, "reference": "centralized", "train": stats}
+            rows.append(row | split_metrics(flat))
+            if on_row:
+                on_row(rows[-1])
+    return rows
+
+
+GLOBAL_MODELS = ("federated", "centralized")  # one model for every scenario: one round for all
+
+
+def select_rounds(rows: list[Row]) -> dict[str, Row]:
+    """Per scenario, the row of the round with the best *validation* primary metric (:func:`primary_metric`;
+    earliest round on ties).
+
+    Rows of one global model (federated, centralized) share one round, chosen on the mean over scenarios of
+    each scenario's validation primary metric relative to its best round (scale-free, so AUC ~0.6 and
+    NDCG@10 ~0.05 weigh alike); local rows are separate models, chosen per scenario.
     """
     chosen: dict[str, Row] = {}
     by_round: dict[int, list[Row]] = {}
     for row in rows:
         by_round.setdefault(int(row["round"]), []).append(row)
-    if rows and rows[0]["reference"] == "federated":
-        best = max(sorted(by_round), key=lambda r: sum(x["valid"][metric] for x in by_round[r]) / len(by_round[r]))
-        return {str(x["scenario"]): x for x in by_round[best]}
+    if rows and rows[0]["reference"].split("-")[0] in GLOBAL_MODELS:
+        best: dict[str, float] = {}
+        for row in rows:
+            value = float(row["valid"][primary_metric(row)])
+            best[row["scenario"]] = max(best.get(row["scenario"], value), value)
+
+        def score(r: int) -> float:
+            return float(
+                np.mean(
+                    [
+                        x["valid"][primary_metric(x)] / best[x["scenario"]] if best[x["scenario"]] else 0.0
+                        for x in by_round[r]
+                    ]
+                )
+            )
+
+        chosen_round = max(sorted(by_round), key=score)
+        return {str(x["scenario"]): x for x in by_round[chosen_round]}
     for row in sorted(rows, key=lambda x: int(x["round"])):
         name = str(row["scenario"])
-        if name not in chosen or row["valid"][metric] > chosen[name]["valid"][metric]:
+        if name not in chosen or row["valid"][primary_metric(row)] > chosen[name]["valid"][primary_metric(row)]:
             chosen[name] = row
     return chosen

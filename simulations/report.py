@@ -11,44 +11,62 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shared.metrics import METRIC_NAMES  # noqa: E402
+from shared.metrics import IMPRESSION_METRICS, METRIC_NAMES  # noqa: E402
 
 Row = dict[str, Any]
 PROTOCOL = (
     "leave-one-out per user (interactions ordered by timestamp, ties by item id): last item = test, "
     "second-to-last = validation; full ranking over the scenario's whole catalog, nothing masked; "
-    "ties counted in expectation; the round of each trained reference is selected on validation NDCG@10 "
-    "(federated: macro average over scenarios, one global model; local: per scenario)"
+    "impression scenarios (news): impressions split by id mod 10 ({0,1} test, {2} validation), each "
+    "test impression's candidates ranked (AUC, MRR, nDCG@5/10 as MIND defines them); ties counted in "
+    "expectation; ILD@10 and coverage@10 of the top 10 (ILD in the frozen encoder's item space); the round "
+    "of each trained reference is selected on validation NDCG@10 (news: AUC): per scenario for local, "
+    "one round for a global model (federated, centralized) on the mean over scenarios of the metric "
+    "relative to its best round"
 )
+BEYOND_ACCURACY = ("ild@10", "coverage@10")
+REFERENCE_ORDER = ("popularity", "zero_shot", "local", "centralized", "federated")
+
+
+def metric_names(metrics: dict[str, Any]) -> list[str]:
+    """The metrics present, in a fixed order: impression or ranking metrics, ILD and coverage, the rest."""
+    order = (*(IMPRESSION_METRICS if "auc" in metrics else METRIC_NAMES), *BEYOND_ACCURACY)
+    known = [m for m in order if m in metrics]
+    return known + sorted(m for m in metrics if m not in known)
 
 
 def summary(selected: dict[str, dict[str, Row]]) -> dict[str, Any]:
-    """``{"protocol": ..., "scenarios": {NAME: {REFERENCE: {METRIC: test value}}}, "rounds": ...}``."""
+    """``{"protocol": ..., "scenarios": {NAME: {REFERENCE: {METRIC: test value}}}, "selected_round": ...}``."""
     scenarios: dict[str, dict[str, dict[str, float]]] = {}
     rounds: dict[str, dict[str, int]] = {}
     for reference, rows in selected.items():
         for name, row in rows.items():
-            scenarios.setdefault(name, {})[reference] = {m: float(row["test"][m]) for m in METRIC_NAMES}
+            scenarios.setdefault(name, {})[reference] = {m: float(row["test"][m]) for m in metric_names(row["test"])}
             rounds.setdefault(name, {})[reference] = int(row["round"])
     return {"protocol": PROTOCOL, "scenarios": scenarios, "selected_round": rounds}
 
 
 def plot(rows: list[Row], out_dir: Path) -> list[Path]:
-    """One PNG per metric: validation value per round, one panel per scenario, a line per reference."""
+    """One PNG per metric: validation value per round, one panel per scenario that has the metric, a line per
+    trained reference and a dashed level per untrained one (round 0)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    scenarios = sorted({str(r["scenario"]) for r in rows})
     paths = []
-    for metric in METRIC_NAMES:
+    references = [r for r in REFERENCE_ORDER if any(x["reference"] == r for x in rows)]
+    references += sorted({str(x["reference"]) for x in rows} - set(references))
+    for metric in metric_names({m: 0 for r in rows for m in r["valid"]}):
+        scenarios = sorted({str(r["scenario"]) for r in rows if metric in r["valid"]})
         fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.4), squeeze=False)
         for ax, name in zip(axes[0], scenarios, strict=True):
-            for reference in ("federated", "local", "popularity"):
+            for reference in references:
                 pts = sorted(
                     (int(r["round"]), float(r["valid"][metric]))
                     for r in rows
-                    if r["scenario"] == name and r["reference"] == reference
+                    if r["scenario"] == name and r["reference"] == reference and metric in r["valid"]
                 )
-                if reference == "popularity" and pts:
-                    ax.axhline(pts[0][1], color="grey", linestyle="--", label="popularity")
+                if pts and pts[-1][0] == 0:
+                    ax.axhline(
+                        pts[0][1], color="grey", linestyle="--" if reference == "popularity" else ":", label=reference
+                    )
                 elif pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=reference)
             ax.set_title(name)
@@ -73,15 +91,8 @@ def markdown(result: dict[str, Any], timings: dict[str, float], notes: list[str]
         "",
         "## Test metrics",
         "",
-        "| scenario | reference | round | " + " | ".join(METRIC_NAMES) + " |",
-        "|---|---|---:|" + "---:|" * len(METRIC_NAMES),
+        *results_table(result),
     ]
-    scenarios: dict[str, dict[str, dict[str, float]]] = result["scenarios"]
-    rounds: dict[str, dict[str, int]] = result["selected_round"]
-    for name, refs in scenarios.items():
-        for reference, metrics in refs.items():
-            values = " | ".join(f"{metrics[m]:.4f}" for m in METRIC_NAMES)
-            lines.append(f"| {name} | {reference} | {rounds[name][reference]} | {values} |")
     lines += [
         "",
         "Round 0 = not trained. Plots of validation metrics per round: `plots/*.png`.",
@@ -93,6 +104,28 @@ def markdown(result: dict[str, Any], timings: dict[str, float], notes: list[str]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def results_table(result: dict[str, Any]) -> list[str]:
+    """Markdown table(s) of the test metrics: one per set of metrics (ranking scenarios, impression scenarios)."""
+    scenarios: dict[str, dict[str, dict[str, float]]] = result["scenarios"]
+    rounds: dict[str, dict[str, int]] = result["selected_round"]
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, refs in scenarios.items():
+        names = tuple(metric_names({m: 0 for metrics in refs.values() for m in metrics}))
+        groups.setdefault(names, []).append(name)
+    lines: list[str] = []
+    for names, members in groups.items():
+        lines += [
+            "| scenario | reference | round | " + " | ".join(names) + " |",
+            "|---|---|---:|" + "---:|" * len(names),
+        ]
+        for name in members:
+            for reference, metrics in scenarios[name].items():
+                values = " | ".join(f"{metrics[m]:.4f}" if m in metrics else "" for m in names)
+                lines.append(f"| {name} | {reference} | {rounds[name][reference]} | {values} |")
+        lines.append("")
+    return lines
 
 
 def write_outputs(

@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from client.training import prepare
+from client.training import LocalData, prepare
 from server.launch import flwr_run, simulation_superlink
 from server.rounds import METRICS_FILE
 from shared.checkpoint import latest_checkpoint
@@ -27,7 +27,7 @@ from shared.data import load_scenario
 from shared.demo import write_demo_federation
 
 from .references import local_rows, popularity_rows, select_rounds
-from .report import write_outputs
+from .report import results_table, write_outputs
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -60,28 +60,13 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     run_dir.mkdir(parents=True, exist_ok=False)
     if data is None:
         write_demo_federation(data_dir, seed=demo_seed)
-    datasets = [
-        prepare(load_scenario(data_dir / name, lenient=cfg.data.lenient), cfg) for name in cfg.data.scenario_names
-    ]
     print(f"crossrec: run folder {run_dir}")
-    for d in datasets:
-        print(
-            f"  scenario {d.scenario.name}: {d.scenario.num_items} items, {len(d.scenario.users)} users, "
-            f"{d.scenario.num_interactions} interactions, {len(d.split.eval_users)} evaluated users"
-        )
+    datasets = load_datasets(data_dir, cfg)
 
     timings: dict[str, float] = {}
     t0 = time.time()
-    print(f"crossrec: federated simulation, {len(datasets)} SuperNodes, {cfg.fed.rounds} rounds", flush=True)
-    flower = {**overrides, "train.threads": 1}  # one thread per simulated client: they run side by side
-    with simulation_superlink(run_dir / ".flwr", run_dir / "superlink.log"):
-        code = flwr_run(APP_DIR, run_dir / ".flwr", flower, num_supernodes=len(datasets))
+    rows, final = federated_rows(run_dir, overrides, len(datasets), cfg.fed.rounds)
     timings["federated"] = time.time() - t0
-    final = latest_checkpoint(run_dir)
-    if code != 0 or final is None or final.name != f"round-{cfg.fed.rounds:04d}":
-        raise RuntimeError(f"the federated run did not finish (flwr run exit code {code}); see {run_dir}/superlink.log")
-
-    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     t0 = time.time()
     pop = popularity_rows(datasets)
     timings["popularity"] = time.time() - t0
@@ -120,10 +105,46 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     return run_dir
 
 
+def load_datasets(data_dir: Path, cfg: Config) -> list[LocalData]:
+    """The scenarios of ``data.scenarios`` from ``data_dir``, validated and split; prints their sizes."""
+    datasets = [
+        prepare(load_scenario(data_dir / name, lenient=cfg.data.lenient), cfg) for name in cfg.data.scenario_names
+    ]
+    for d in datasets:
+        log = d.scenario.impressions
+        evaluated = (
+            f"{len(d.split.eval_users)} evaluated users"
+            if log is None
+            else f"{len(log.impression_ids)} impressions ({len(d.split.valid_impressions)} validation, "
+            f"{len(d.split.test_impressions)} test)"
+        )
+        print(
+            f"  scenario {d.scenario.name}: {d.scenario.num_items} items, {len(d.scenario.users)} users, "
+            f"{d.scenario.num_interactions} interactions, {evaluated}"
+        )
+        for reason, count in d.scenario.skipped.items():
+            print(f"    skipped {count} rows: {reason}")
+    return datasets
+
+
+def federated_rows(
+    run_dir: Path, overrides: dict[str, bool | int | float | str], num_scenarios: int, rounds: int
+) -> tuple[list[dict[str, Any]], Path]:
+    """The real Flower simulation (one SuperNode per scenario) writing into ``run_dir``; returns its
+    metrics rows and final checkpoint. The SuperLink and everything below it are stopped on return."""
+    print(f"crossrec: federated simulation, {num_scenarios} SuperNodes, {rounds} rounds", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flower = {**overrides, "run.dir": str(run_dir), "train.threads": 1}  # one thread per simulated client
+    with simulation_superlink(run_dir / ".flwr", run_dir / "superlink.log"):
+        code = flwr_run(APP_DIR, run_dir / ".flwr", flower, num_supernodes=num_scenarios)
+    final = latest_checkpoint(run_dir)
+    if code != 0 or final is None or final.name != f"round-{rounds:04d}":
+        raise RuntimeError(f"the federated run did not finish (flwr run exit code {code}); see {run_dir}/superlink.log")
+    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()], final
+
+
 def print_table(result: dict[str, Any]) -> None:
-    scenarios: dict[str, dict[str, dict[str, float]]] = result["scenarios"]
-    print(f"\n{'scenario':10} {'reference':11} {'hr@10':>8} {'ndcg@10':>8} {'mrr':>8}")
-    for name, refs in scenarios.items():
-        for reference, m in refs.items():
-            print(f"{name:10} {reference:11} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['mrr']:8.4f}")
+    """The test metrics as a plain-text table (one block per set of metrics)."""
     print()
+    for line in results_table(result):
+        print(line)

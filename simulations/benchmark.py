@@ -1,0 +1,242 @@
+"""The benchmark: real public scenarios, every reference point on the same splits.
+
+1. converts each public dataset (MovieLens, Amazon in UniSRec format, MIND) into a canonical scenario
+   folder under ``RUN/data/`` with its validating loader (nothing is written into the data directory);
+2. runs the references: ``federated`` (the real Flower simulation, one SuperNode per scenario, as in
+   :mod:`simulations.simulate`), ``federated-epsX`` for each ``--epsilons`` value (the same with
+   ``privacy.epsilon=X``), ``zero_shot``, ``popularity``, ``local`` and ``centralized``
+   (:mod:`simulations.references`);
+3. selects rounds on validation only, writes ``summary.json`` (``scenarios.NAME.REFERENCE.METRIC``, test
+   split, plus ``wall_seconds`` per reference), ``report.md``, ``plots/*.png`` and ``metrics.jsonl``, and
+   points ``RUNS/benchmark-latest`` at the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.config import Config
+from shared.data import write_scenario
+from shared.loaders import PUBLIC_FORMATS, load_public
+
+from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
+from .report import write_outputs
+from .simulate import APP_DIR, federated_rows, load_datasets, parse_overrides, print_table
+
+DEFAULT_DATA = APP_DIR.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One benchmark scenario: its name, public format and folder relative to the data directory."""
+
+    name: str
+    fmt: str
+    path: str
+
+
+KNOWN = {
+    "movies": Source("movies", "movielens", "movies/ml-latest-small"),
+    "ml-100k": Source("ml-100k", "ml-100k", "movies/ml-100k"),
+    "ecommerce": Source("ecommerce", "amazon", "ecommerce/amazon-scientific"),
+    "news": Source("news", "mind", "news/mind-small-sample"),
+}
+DEFAULT_SCENARIOS = "movies,ecommerce,news"
+# Chosen so that the whole default benchmark (five references, three scenarios) fits in an hour on 2 CPU cores.
+DEFAULT_RUN_CONFIG = {
+    "model.max-length": 32,
+    "model.history": 20,
+    "model.head-hidden": 32,
+    "fed.rounds": 5,
+    "train.local-steps": 40,
+}
+REFERENCES = ("federated", "zero_shot", "popularity", "local", "centralized")
+
+# Published figures on the same data and protocol (see BENCHMARKS.md).
+GOALS = (
+    ("ecommerce", "federated", "ndcg@10", 0.0643, "VQ-Rec NDCG@10"),
+    ("ecommerce", "federated", "hr@10", 0.1211, "VQ-Rec Recall@10"),
+    ("news", "federated", "auc", 0.668, "NAML AUC (full MIND-small)"),
+)
+
+
+def parse_sources(text: str) -> list[Source]:
+    """``"movies,ecommerce,news"`` (known names) or ``NAME=FORMAT:PATH`` items (PATH relative to the data dir)."""
+    sources = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        if "=" in item:
+            name, _, spec = item.partition("=")
+            fmt, sep, path = spec.partition(":")
+            if not sep or fmt not in PUBLIC_FORMATS:
+                raise ValueError(
+                    f"scenario {item!r}: expected NAME=FORMAT:PATH with FORMAT in {', '.join(PUBLIC_FORMATS)}"
+                )
+            sources.append(Source(name, fmt, path))
+        elif item in KNOWN:
+            sources.append(KNOWN[item])
+        else:
+            raise ValueError(f"unknown scenario {item!r}: use one of {', '.join(KNOWN)} or NAME=FORMAT:PATH")
+    if not sources or len({s.name for s in sources}) != len(sources):
+        raise ValueError(f"scenarios {text!r}: need at least one, with distinct names")
+    return sources
+
+
+def parse_epsilons(text: str) -> list[float]:
+    """``"1,4,8"`` -> [1.0, 4.0, 8.0]; each must be > 0."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--epsilons {text!r}: expected comma-separated numbers, e.g. 1,4,8") from None
+    if any(not v > 0 for v in values):
+        raise ValueError(f"--epsilons {text!r}: every epsilon must be > 0")
+    return values
+
+
+class Progress:
+    """One line per step, with the stage number and the elapsed time."""
+
+    def __init__(self, stages: int) -> None:
+        self.started, self.stages, self.stage = time.time(), stages, 0
+
+    def begin(self, what: str) -> None:
+        self.stage += 1
+        self.show(f"[{self.stage}/{self.stages}] {what}")
+
+    def show(self, text: str) -> None:
+        elapsed = int(time.time() - self.started)
+        print(f"benchmark {elapsed // 60:3d}m{elapsed % 60:02d}s  {text}", flush=True)
+
+    def row(self, row: Row) -> None:
+        metric = "auc" if "auc" in row["valid"] else "ndcg@10"
+        self.show(
+            f"    {row['reference']} {row['scenario']} round {row['round']}: valid {metric} {row['valid'][metric]:.4f}"
+        )
+
+
+def goal_notes(result: dict[str, Any]) -> list[str]:
+    """Each goal as a line: measured vs target, met or missed (by how much)."""
+    notes = []
+    scenarios = result["scenarios"]
+    for name, reference, metric, target, what in GOALS:
+        value = scenarios.get(name, {}).get(reference, {}).get(metric)
+        if value is not None:
+            verdict = "met" if value >= target else f"missed by {target - value:.4f} ({value / target:.0%} of it)"
+            notes.append(f"{name} {reference} {metric} {value:.4f} vs {target} ({what}): {verdict}")
+    for name, refs in scenarios.items():
+        metric = "auc" if "auc" in refs.get("popularity", refs.get("federated", {})) else "ndcg@10"
+        if "federated" in refs and "local" in refs:
+            fed, loc = refs["federated"][metric], refs["local"][metric]
+            notes.append(
+                f"{name}: federated {metric} {fed:.4f} vs local {loc:.4f}: {'met' if fed >= loc else 'missed'}"
+            )
+    fed_vs_central = [
+        refs["federated"]["auc" if "auc" in refs["federated"] else "ndcg@10"]
+        / refs["centralized"]["auc" if "auc" in refs["federated"] else "ndcg@10"]
+        for refs in scenarios.values()
+        if "federated" in refs and "centralized" in refs
+    ]
+    if fed_vs_central:
+        ratio = sum(fed_vs_central) / len(fed_vs_central)
+        notes.append(
+            f"macro federated / centralized = {ratio:.3f} (goal >= 0.95): {'met' if ratio >= 0.95 else 'missed'}"
+        )
+    return notes
+
+
+def benchmark(
+    data: str | os.PathLike[str] | None = None,
+    scenarios: str = DEFAULT_SCENARIOS,
+    run_config: str = "",
+    runs_dir: str | os.PathLike[str] = "runs",
+    epsilons: Sequence[float] = (),
+    references: Sequence[str] = REFERENCES,
+) -> Path:
+    """Run the benchmark; returns the run folder (``RUNS/benchmark-latest`` points at it)."""
+    started = time.time()
+    data_root = Path(data) if data is not None else DEFAULT_DATA
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"data directory {data_root} not found (pass --data DIR)")
+    unknown = [r for r in references if r not in REFERENCES]
+    if unknown:
+        raise ValueError(f"unknown references {unknown} (known: {', '.join(REFERENCES)})")
+    sources = parse_sources(scenarios)
+    run_dir = (Path(runs_dir) / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    data_dir = run_dir / "data"
+    overrides: dict[str, bool | int | float | str] = {
+        **DEFAULT_RUN_CONFIG,
+        **parse_overrides(run_config),
+        "data.dir": str(data_dir),
+        "data.scenarios": ",".join(s.name for s in sources),
+        "fed.min-clients": len(sources),
+    }
+    cfg = Config.from_run_config({**Config().to_flat(), **overrides})  # validate before anything is written
+    run_dir.mkdir(parents=True, exist_ok=False)
+    wanted = [r for r in REFERENCES if r in references]
+    if "federated" in wanted:
+        wanted[wanted.index("federated") + 1 : wanted.index("federated") + 1] = [
+            f"federated-eps{e:g}" for e in epsilons
+        ]
+    progress = Progress(1 + len(wanted))
+    progress.begin(f"converting {len(sources)} scenarios from {data_root} into {data_dir}")
+    for src in sources:
+        scenario, stamps = load_public(src.fmt, data_root / src.path, name=src.name, lenient=cfg.data.lenient)
+        write_scenario(data_dir / src.name, scenario, stamps)
+    datasets = load_datasets(data_dir, cfg)
+
+    rows: list[Row] = []
+    timings: dict[str, float] = {}
+    vectors = None
+    for reference in wanted:
+        progress.begin(reference)
+        t0 = time.time()
+        if reference.startswith("federated"):
+            extra = (
+                {} if reference == "federated" else {"privacy.epsilon": float(reference.removeprefix("federated-eps"))}
+            )
+            fed, _ = federated_rows(run_dir / reference, {**overrides, **extra}, len(datasets), cfg.fed.rounds)
+            new = [r | {"reference": reference} for r in fed]
+        elif reference == "zero_shot":
+            new, vectors = zero_shot_rows(cfg, datasets)
+        elif reference == "popularity":
+            new = popularity_rows(datasets, vectors)
+        elif reference == "local":
+            new = [row for d in datasets for row in local_rows(cfg, d, progress.row)]
+        else:
+            new = centralized_rows(cfg, datasets, progress.row)
+        timings[reference] = time.time() - t0
+        if reference.startswith("federated") or reference == "zero_shot":
+            for row in new:
+                progress.row(row)
+        rows += new
+        progress.show(f"    {reference} done in {timings[reference]:.0f}s")
+
+    with (run_dir / "metrics.jsonl").open("w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    selected = {}
+    for reference in wanted:
+        own = [r for r in rows if r["reference"] == reference]
+        selected[reference] = {str(r["scenario"]): r for r in own} if own[0]["round"] == 0 else select_rounds(own)
+    timings["total"] = time.time() - started
+    from .report import summary
+
+    notes = [
+        f"run config: {' '.join(f'{k}={v}' for k, v in overrides.items() if k not in ('data.dir',))}",
+        *goal_notes(summary(selected)),
+    ]
+    result = write_outputs(run_dir, rows, selected, timings, notes)
+    latest = Path(runs_dir).resolve() / "benchmark-latest"
+    tmp_link = latest.with_name(".benchmark-latest-tmp")
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(run_dir.name)
+    os.replace(tmp_link, latest)
+    print_table(result)
+    for note in notes[1:]:
+        print(f"  {note}")
+    print(f"crossrec: benchmark done in {timings['total']:.0f}s; outputs in {latest} -> {run_dir.name}")
+    return run_dir

@@ -1,0 +1,183 @@
+"""The benchmark runner end to end on tiny public-format fixture files, with the tiny config-built BERT and a
+real Flower simulation; plus its pieces (pooling, round selection, argument parsing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.launch import toml_value
+from shared.demo import TOPICS
+
+WORDS = sorted({w for ws in TOPICS.values() for w in ws})
+
+
+def text(rng: np.random.Generator, n: int = 4) -> str:
+    return " ".join(rng.choice(WORDS, size=n))
+
+
+def write_public_fixtures(root: Path, seed: int = 0) -> Path:
+    """Tiny MovieLens (ml-latest-small layout), Amazon (UniSRec layout) and MIND folders."""
+    rng = np.random.default_rng(seed)
+    movies = root / "movies" / "ml-latest-small"
+    movies.mkdir(parents=True)
+    (movies / "movies.csv").write_text(
+        "movieId,title,genres\n" + "".join(f"{i},{text(rng)} ({1990 + i}),Drama|Comedy\n" for i in range(1, 31))
+    )
+    ratings = ["userId,movieId,rating,timestamp"]
+    for user in range(1, 13):
+        for t, movie in enumerate(rng.choice(np.arange(1, 31), size=8, replace=False)):
+            ratings.append(f"{user},{movie},{rng.integers(1, 6)}.0,{1000 + 10 * t}")
+    (movies / "ratings.csv").write_text("\n".join(ratings) + "\n")
+
+    amazon = root / "ecommerce" / "amazon-scientific"
+    amazon.mkdir(parents=True)
+    (amazon / "Scientific.item2index").write_text("".join(f"A{i}\t{i}\n" for i in range(30)))
+    (amazon / "Scientific.text").write_text(
+        "item_id:token\ttext:token_seq\n" + "".join(f"A{i}\t{text(rng)}\n" for i in rng.permutation(30))
+    )
+    header = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    rows: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
+    for user in range(15):
+        seq = rng.choice(30, size=int(rng.integers(5, 8)), replace=False).tolist()
+        for t in range(len(seq) - 3, 0, -1):  # longest prefix first
+            rows["train"].append(f"{user}\t{' '.join(map(str, seq[:t]))}\t{seq[t]}")
+        rows["valid"].append(f"{user}\t{' '.join(map(str, seq[:-2]))}\t{seq[-2]}")
+        rows["test"].append(f"{user}\t{' '.join(map(str, seq[:-1]))}\t{seq[-1]}")
+    for split, lines in rows.items():
+        (amazon / f"Scientific.{split}.inter").write_text(header + "\n".join(lines) + "\n")
+
+    news = root / "news" / "mind-small-sample"
+    news.mkdir(parents=True)
+    (news / "news.tsv").write_text(
+        "".join(f"N{i}\tnews\tworld\t{text(rng)}\t{text(rng, 6)}\t\t\t\n" for i in range(40))
+    )
+    behaviors = []
+    for imp in range(1, 61):
+        history = " ".join(f"N{i}" for i in rng.choice(40, size=int(rng.integers(1, 6)), replace=False))
+        cands = rng.choice(40, size=5, replace=False)
+        labels = [1] + [int(x) for x in rng.random(4) < 0.2]
+        behaviors.append(
+            f"{imp}\tI{imp}\t\t{history}\t{' '.join(f'N{c}-{y}' for c, y in zip(cands, labels, strict=True))}"
+        )
+    (news / "behaviors.tsv").write_text("\n".join(behaviors) + "\n")
+    return root
+
+
+def tiny_overrides(cfg) -> str:
+    keys = (
+        "model.encoder",
+        "model.head-hidden",
+        "model.history",
+        "lora.rank",
+        "lora.alpha",
+        "train.local-steps",
+        "train.batch-size",
+        "train.negatives",
+    )
+    flat = cfg.to_flat() | {"model.max-length": 16, "fed.rounds": 2, "train.threads": 1}
+    return " ".join(f"{k}={toml_value(flat[k])}" for k in (*keys, "model.max-length", "fed.rounds", "train.threads"))
+
+
+@pytest.mark.integration
+def test_benchmark_end_to_end_on_fixture_files(tiny_cfg, tmp_path, capsys):
+    from simulations.benchmark import benchmark
+    from simulations.cli import main
+
+    data = write_public_fixtures(tmp_path / "data")
+    runs = tmp_path / "runs"
+    code = main(["benchmark", "--data", str(data), "--runs-dir", str(runs), "--run-config", tiny_overrides(tiny_cfg)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "[6/6] centralized" in out and "benchmark done" in out  # the progress display
+    latest = runs / "benchmark-latest"
+    summary = json.loads((latest / "summary.json").read_text())
+    refs = {"popularity", "zero_shot", "local", "centralized", "federated"}
+    assert set(summary["scenarios"]) == {"movies", "ecommerce", "news"}
+    for name, by_ref in summary["scenarios"].items():
+        assert set(by_ref) == refs, name
+        expected = (
+            {"auc", "mrr", "ndcg@5", "ndcg@10", "ild@10", "coverage@10"}
+            if name == "news"
+            else {"hr@10", "ndcg@10", "mrr", "ild@10", "coverage@10"}
+        )
+        for reference, metrics in by_ref.items():
+            assert set(metrics) == expected, (name, reference)
+            assert all(0.0 <= v <= 1.0 for v in metrics.values()), (name, reference, metrics)
+    assert set(summary["wall_seconds"]) == refs | {"total"}
+    assert summary["selected_round"]["movies"]["federated"] in (1, 2)
+    assert summary["selected_round"]["movies"]["popularity"] == 0
+    report = (latest / "report.md").read_text()
+    assert "| scenario | reference | round | hr@10 | ndcg@10 | mrr | ild@10 | coverage@10 |" in report
+    assert "| scenario | reference | round | auc | mrr | ndcg@5 | ndcg@10 | ild@10 | coverage@10 |" in report
+    assert "| news | federated |" in report
+    for metric in ("ndcg_at_10", "auc", "hr_at_10"):
+        png = latest / "plots" / f"{metric}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (latest / "data" / "news" / "impressions.jsonl").is_file()
+    assert not list(data.rglob("*.jsonl"))  # nothing written into the data directory
+    rows = [json.loads(line) for line in (latest / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["reference"], r["round"]) for r in rows if r["scenario"] == "news"} >= {
+        ("federated", 1),
+        ("federated", 2),
+        ("local", 2),
+        ("centralized", 2),
+    }
+
+    # --epsilons names the private references and passes privacy.epsilon to the federated run
+    with pytest.raises(ValueError, match="every epsilon must be > 0"):
+        from simulations.benchmark import parse_epsilons
+
+        parse_epsilons("1,0")
+    with pytest.raises(FileNotFoundError, match="data directory"):
+        benchmark(tmp_path / "missing")
+
+
+def test_unknown_scenarios_and_references_are_errors(tmp_path):
+    from simulations.benchmark import benchmark, parse_sources
+
+    assert [s.fmt for s in parse_sources("movies,x=mind:news/y")] == ["movielens", "mind"]
+    with pytest.raises(ValueError, match="unknown scenario 'books'"):
+        parse_sources("movies,books")
+    with pytest.raises(ValueError, match="NAME=FORMAT:PATH"):
+        parse_sources("x=parquet:foo")
+    with pytest.raises(ValueError, match="unknown references"):
+        benchmark(tmp_path, references=["federated", "oracle"])
+
+
+def test_pool_offsets_items_and_users_and_keeps_only_training_data(tiny_cfg, demo_dir):
+    from client.training import prepare
+    from shared.data import load_scenario
+    from simulations.references import pool
+
+    datasets = [prepare(load_scenario(demo_dir / n), tiny_cfg) for n in ("shop", "news")]
+    pooled, offsets = pool(datasets)
+    assert offsets == [0, datasets[0].scenario.num_items]
+    assert pooled.scenario.num_items == sum(d.scenario.num_items for d in datasets)
+    assert len(pooled.split.train) == sum(len(d.split.train) for d in datasets)
+    second = len(datasets[0].split.train)
+    np.testing.assert_array_equal(pooled.split.train[second], datasets[1].split.train[0] + offsets[1])
+    assert pooled.scenario.texts[offsets[1]] == datasets[1].scenario.texts[0]
+    assert len(pooled.trainable_users) == sum(len(d.trainable_users) for d in datasets)
+    assert pooled.num_examples == sum(d.num_examples for d in datasets)
+
+
+def test_global_models_share_one_round_chosen_scale_free():
+    from simulations.references import select_rounds
+
+    def row(ref, rnd, name, value, metric):
+        return {"reference": ref, "round": rnd, "scenario": name, "valid": {metric: value}, "test": {metric: 0.0}}
+
+    rows = [
+        row("federated", 1, "news", 0.70, "auc"),
+        row("federated", 1, "shop", 0.050, "ndcg@10"),
+        row("federated", 2, "news", 0.69, "auc"),  # -1.4 % of its best
+        row("federated", 2, "shop", 0.060, "ndcg@10"),  # +20 %: round 2 wins although the AUC sum is smaller
+    ]
+    chosen = select_rounds(rows)
+    assert {r["round"] for r in chosen.values()} == {2}
+    local = [r | {"reference": "local"} for r in rows]
+    assert {n: r["round"] for n, r in select_rounds(local).items()} == {"news": 1, "shop": 2}
