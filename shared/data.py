@@ -165,10 +165,27 @@ def impression_split(scenario: Scenario, log: ImpressionLog) -> Split:
     return Split(train, train_labels, eval_users, targets["valid"], targets["test"], valid, test)
 
 
+def encoding_error(path: Path, encoding: str) -> DataError:
+    """The error for a file that is not valid ``encoding`` text, naming the first bad line."""
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            raw.decode(encoding)
+        except UnicodeDecodeError as exc:
+            return DataError(f"{path}:{lineno}: not valid {encoding} text (byte {raw[exc.start : exc.start + 1]!r})")
+    return DataError(f"{path}: not valid {encoding} text")
+
+
 def _read_jsonl(path: Path, lenient: bool, skipped: Counter[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for every non-blank line; malformed lines raise or are skipped."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    try:
+        yield from _jsonl_lines(path, lenient, skipped)
+    except UnicodeDecodeError:
+        raise encoding_error(path, "utf-8") from None
+
+
+def _jsonl_lines(path: Path, lenient: bool, skipped: Counter[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -215,6 +232,8 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
         raise DataError(f"{meta_path}: file not found (is {folder} a scenario folder?)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise encoding_error(meta_path, "utf-8") from None
     except ValueError as exc:
         raise DataError(f"{meta_path}: malformed JSON ({exc})") from None
     if not isinstance(meta, dict):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, ImpressionLog, Scenario, impression_positions, natural_key
+from .data import DataError, ImpressionLog, Scenario, encoding_error, impression_positions, natural_key
 
 Loaded = tuple[Scenario, list[np.ndarray]]
 
@@ -32,11 +32,14 @@ def _rows(path: Path, *, delimiter: str, encoding: str = "utf-8", header: bool) 
         raise DataError(f"{path}: file not found")
     with path.open(encoding=encoding, newline="") as fh:
         reader = csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
-        for lineno, row in enumerate(reader, start=1):
-            if header and lineno == 1:
-                continue
-            if row:
-                yield lineno, row
+        try:
+            for lineno, row in enumerate(reader, start=1):
+                if header and lineno == 1:
+                    continue
+                if row:
+                    yield lineno, row
+        except UnicodeDecodeError:
+            raise encoding_error(path, encoding) from None
 
 
 def _parse(where: str, name: str, value: str, kind: Callable[[str], float | int]) -> float | int:

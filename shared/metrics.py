@@ -52,6 +52,18 @@ def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) ->
     return {name: float(v.mean()) for name, v in expected_metrics(g, e, k).items()}
 
 
+def mask_seen(scores: torch.Tensor, seen: list[np.ndarray], targets: torch.Tensor) -> torch.Tensor:
+    """The history-masked variant (it can only flatter): a copy of scores (U, N) with each user's ``seen``
+    items set to -inf, except the user's target itself (a repeat is still ranked)."""
+    if len(seen) != scores.shape[0] or targets.shape != (scores.shape[0],):
+        raise ValueError("seen and targets need one entry per row of scores")
+    out = scores.clone()
+    for row, items in enumerate(seen):
+        items = np.asarray(items, dtype=np.int64)
+        out[row, torch.from_numpy(items[items != int(targets[row])])] = -torch.inf
+    return out
+
+
 IMPRESSION_METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
 
 

@@ -102,3 +102,105 @@ def test_demo_round_trips_exactly_through_the_canonical_format(tmp_path):
                 np.testing.assert_array_equal(a, b)
         assert again[name][0].texts == sc.texts  # deterministic
     assert not list(tmp_path.glob(".*"))  # no temp folders left
+
+
+NEWS_ITEMS = [
+    '{"item_id": "N1", "text": "one"}',
+    '{"item_id": "N2", "text": "two"}',
+    '{"item_id": "N3", "text": "three"}',
+]
+NEWS_LOG = [
+    '{"user_id": "I13", "item_id": "N1", "timestamp": 0}',
+    '{"user_id": "I13", "item_id": "N2", "timestamp": 1}',  # the click of impression 13 (train)
+    '{"user_id": "I20", "item_id": "N2", "timestamp": 0}',
+    '{"user_id": "I20", "item_id": "N3", "timestamp": 1}',  # the click of impression 20 (test): never trained on
+    '{"user_id": "I22", "item_id": "N3", "timestamp": 0}',
+]
+NEWS_IMPRESSIONS = [
+    '{"impression_id": 13, "user_id": "I13", "timestamp": 1, "candidates": ["N2", "N3"], "clicks": [1, 0]}',
+    '{"impression_id": 20, "user_id": "I20", "timestamp": 1, "candidates": ["N1", "N3"], "clicks": [0, 1]}',
+    '{"impression_id": 22, "user_id": "I22", "timestamp": 5, "candidates": ["N1", "N2", "N3"], "clicks": [1, 0, 1]}',
+]
+
+
+def news_folder(folder: Path, impressions: list[str]) -> Path:
+    make_scenario(folder, NEWS_ITEMS, NEWS_LOG, objectives=("engagement",))
+    (folder / "impressions.jsonl").write_text("\n".join(impressions) + "\n")
+    return folder
+
+
+def test_impressions_split_by_id_and_evaluation_users_are_never_trained_on(tmp_path):
+    sc = load_scenario(news_folder(tmp_path / "n", NEWS_IMPRESSIONS))
+    log = sc.impressions
+    assert log is not None and log.impression_ids.tolist() == [13, 20, 22]
+    assert log.history_lengths.tolist() == [1, 1, 1]  # interactions strictly before the impression
+    assert log.positions("train").tolist() == [0] and log.positions("test").tolist() == [1]
+    assert log.positions("valid").tolist() == [2]
+    split = leave_one_out(sc)
+    assert [sc.users[u] for u in split.eval_users] == ["I20", "I22"]
+    assert [len(t) for t in split.train] == [2, 0, 0]  # I13 trains on history + click; I20, I22 nothing
+    assert split.test_target.tolist() == [2, -1] and split.valid_target.tolist() == [-1, 0]  # first clicks
+    assert split.valid_impressions.tolist() == [2] and split.test_impressions.tolist() == [1]
+    write_scenario(tmp_path / "again", sc, [np.arange(len(s), dtype=float) for s in sc.sequences])
+    again = load_scenario(tmp_path / "again").impressions
+    assert again is not None and [c.tolist() for c in again.candidates] == [c.tolist() for c in log.candidates]
+    with pytest.raises(ValueError, match="unknown split"):
+        log.positions("dev")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"impression_id": 13, "user_id": "I13", "timestamp": 1, "candidates": ["N9"], "clicks": [1]}',
+            "'candidates' item 'N9' is not in items.jsonl",
+        ),
+        (
+            '{"impression_id": 13, "user_id": "I13", "timestamp": 1, "candidates": ["N1"], "clicks": [1, 0]}',
+            "'clicks' must be a list of 0/1",
+        ),
+        (
+            '{"impression_id": 13, "user_id": "I13", "timestamp": 1, "candidates": [], "clicks": []}',
+            "'candidates' must be a non-empty",
+        ),
+        (
+            '{"impression_id": -1, "user_id": "I13", "timestamp": 1, "candidates": ["N1"], "clicks": [1]}',
+            "'impression_id' must be an integer",
+        ),
+        (
+            '{"impression_id": 13, "user_id": "I13", "timestamp": 0, "candidates": ["N1"], "clicks": [1]}',
+            "'timestamp' 0: user 'I13' has no earlier interaction",
+        ),
+        (
+            '{"impression_id": 13, "user_id": "nobody", "timestamp": 1, "candidates": ["N1"], "clicks": [1]}',
+            "'user_id' 'nobody' has no interactions",
+        ),
+        (
+            '{"impression_id": 13, "user_id": "I13", "candidates": ["N1"], "clicks": [1]}',
+            "'timestamp' is missing",
+        ),
+        (NEWS_IMPRESSIONS[0].replace('"N2", "N3"', '"N2", 3'), "'candidates' must be a non-empty list of item ids"),
+    ],
+)
+def test_malformed_impressions_name_file_line_and_field(tmp_path, line, message):
+    with pytest.raises(DataError, match=r"impressions.jsonl:2: field " + message.replace("(", r"\(")):
+        load_scenario(news_folder(tmp_path / "n", [NEWS_IMPRESSIONS[1], line]))
+
+
+def test_impressions_repeated_id_and_lenient_mode(tmp_path):
+    folder = news_folder(tmp_path / "n", NEWS_IMPRESSIONS + [NEWS_IMPRESSIONS[0]])
+    with pytest.raises(DataError, match=r"impressions.jsonl:4: field 'impression_id' 13 repeats"):
+        load_scenario(folder)
+    bad = '{"impression_id": 30, "user_id": "I13", "timestamp": 0, "candidates": ["N1"], "clicks": [1]}'
+    sc = load_scenario(news_folder(tmp_path / "m", NEWS_IMPRESSIONS + [bad, "{oops"]), lenient=True)
+    assert sc.impressions is not None and len(sc.impressions.impression_ids) == 3
+    assert sum(v for k, v in sc.skipped.items() if k.startswith("impressions.jsonl")) == 2
+
+
+def test_wrong_encoding_names_file_and_line(tmp_path):
+    folder = make_scenario(tmp_path / "s", ITEMS, GOOD)
+    (folder / "items.jsonl").write_bytes(
+        (ITEMS[0] + "\n").encode() + '{"item_id": "b", "text": "caf\xe9"}\n'.encode("latin-1")
+    )
+    with pytest.raises(DataError, match=r"items.jsonl:2: not valid utf-8 text \(byte b'\\xe9'\)"):
+        load_scenario(folder)

@@ -197,9 +197,102 @@ def test_movielens_popularity_anchor_is_the_history_masked_variant():
     sc, _ = load_movielens_latest(DATA / "movies" / "ml-latest-small")
     split, plain = popularity(sc)
     assert plain["hr@10"] == pytest.approx(0.0197, abs=1e-4) and plain["ndcg@10"] == pytest.approx(0.0092, abs=1e-4)
+    from shared.metrics import mask_seen
+
     counts = torch.as_tensor(np.bincount(np.concatenate(split.train), minlength=sc.num_items), dtype=torch.float32)
-    scores = counts.expand(len(split.test_target), -1).clone()
-    for i, u in enumerate(split.eval_users):
-        scores[i, np.append(split.train[u], split.valid_target[i])] = -torch.inf
-    masked = ranking_metrics(scores, torch.as_tensor(split.test_target))
+    seen = [np.append(split.train[u], split.valid_target[i]) for i, u in enumerate(split.eval_users)]
+    targets = torch.as_tensor(split.test_target)
+    masked = ranking_metrics(mask_seen(counts.expand(len(targets), -1), seen, targets), targets)
     assert masked["hr@10"] == pytest.approx(0.0393, abs=0.002) and masked["ndcg@10"] == pytest.approx(0.0183, abs=0.002)
+
+
+@pytest.mark.parametrize(
+    ("missing", "loader", "message"),
+    [
+        ("ratings.csv", "movielens", r"ratings.csv: file not found"),
+        ("movies.csv", "movielens", r"movies.csv: file not found"),
+        ("news.tsv", "mind", r"news.tsv: file not found"),
+        ("Scientific.test.inter", "amazon", r"Scientific.test.inter: file not found"),
+    ],
+)
+def test_missing_files_are_named(tmp_path, missing, loader, message):
+    from shared.loaders import load_public
+
+    ml_folder(tmp_path, "1,1,4.0,5\n")
+    (tmp_path / "news.tsv").write_text("N1\tnews\tx\tTitle\t\t\t\t\n")
+    (tmp_path / "behaviors.tsv").write_text("3\tI3\t\tN1\tN1-1\n")
+    for name in ("item2index", "text", "train.inter", "valid.inter"):
+        content = {"item2index": "A1\t0\n", "text": "item_id\ttext\nA1\tfirst\n"}.get(name, "h\th\th\n0\t0\t0\n")
+        (tmp_path / f"Scientific.{name}").write_text(content)
+    (tmp_path / missing).unlink(missing_ok=True)
+    with pytest.raises(DataError, match=message):
+        load_public(loader, tmp_path)
+
+
+def test_wrong_encoding_is_named_with_its_line(tmp_path):
+    folder = ml_folder(tmp_path, "1,1,4.0,5\n")
+    (folder / "movies.csv").write_bytes("movieId,title,genres\n1,Caf\xe9 (1995),Drama\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"movies.csv:2: not valid utf-8 text"):
+        load_movielens_latest(folder)
+    (tmp_path / "news.tsv").write_bytes("N1\tnews\tx\tT\xeate\t\t\t\t\n".encode("latin-1"))
+    from shared.loaders import load_mind
+
+    with pytest.raises(DataError, match=r"news.tsv:1: not valid utf-8 text"):
+        load_mind(tmp_path)
+
+
+def mind_folder(tmp_path: Path, behaviors: str) -> Path:
+    (tmp_path / "news.tsv").write_text(
+        "N1\tnews\tpolitics\tTitle one\tAbstract\t\t\t\n"
+        "N2\tsports\tnfl\tTitle two\t\t\t\t\nN3\tnews\tx\tThree\t\t\t\t\n"
+    )
+    (tmp_path / "behaviors.tsv").write_text(behaviors)
+    return tmp_path
+
+
+def test_mind_empty_history_and_bad_labels(tmp_path):
+    from shared.loaders import load_mind
+
+    folder = mind_folder(tmp_path, "10\tI10\t\tN1\tN2-1 N1-0\n11\tI11\t\t\tN2-1 N1-0\n12\tI12\t\tN1\tN2-yes\n")
+    with pytest.raises(DataError, match=r"behaviors.tsv:2: field 'history' is empty"):
+        load_mind(folder)
+    imp = load_mind(folder, lenient=True)
+    assert imp.impression_ids == [10] and sum(imp.skipped.values()) == 2
+
+
+def test_mind_becomes_a_canonical_impression_scenario(tmp_path):
+    from shared.data import load_scenario, write_scenario
+    from shared.loaders import load_mind, mind_scenario
+
+    folder = mind_folder(tmp_path, "10\tI10\t\tN1 N3\tN2-1 N1-0 N3-1\n13\tI13\t\tN2\tN3-1 N1-0\n")
+    sc, stamps = mind_scenario(load_mind(folder))
+    ids = [[sc.item_ids[i] for i in s] for s in sc.sequences]
+    assert sc.users == ["I10", "I13"] and ids == [["N1", "N3", "N2", "N3"], ["N2", "N3"]]  # history, then clicks
+    assert stamps[0].tolist() == [0, 1, 2, 2] and sc.impressions is not None
+    assert sc.impressions.history_lengths.tolist() == [2, 1]
+    write_scenario(tmp_path / "news", sc, stamps)
+    again = load_scenario(tmp_path / "news")
+    assert [s.tolist() for s in again.sequences] == [s.tolist() for s in sc.sequences]
+    assert again.impressions is not None and again.impressions.history_lengths.tolist() == [2, 1]
+    split = leave_one_out(again)  # 10 is test (id mod 10 = 0): its user is not trained on
+    assert [len(t) for t in split.train] == [0, 2] and split.test_impressions.tolist() == [0]
+
+
+@realdata
+@pytest.mark.realdata
+def test_mind_converts_and_its_popularity_reference_is_the_anchor(tmp_path):
+    from client.evaluation import popularity_metrics
+    from client.training import prepare
+    from shared.config import Config
+    from shared.data import load_scenario
+    from simulations.cli import main
+
+    assert main(["convert", "mind", str(DATA / "news" / "mind-small-sample"), str(tmp_path / "news")]) == 0
+    sc = load_scenario(tmp_path / "news")
+    assert (sc.num_items, len(sc.users)) == (6334, 1817)  # README: 6,334 news, 1,817 impressions
+    assert sc.num_interactions == 16468 + 1955  # history clicks + clicked candidates
+    assert sc.impressions is not None and sum(len(c) for c in sc.impressions.candidates) == 22056
+    data = prepare(sc, Config.from_run_config({"model.objectives": "engagement"}))
+    assert (len(data.split.valid_impressions), len(data.split.test_impressions)) == (188, 376)
+    # clicks in train impressions and their histories: AUC 0.6223 (the anchor)
+    assert popularity_metrics(data)["test.auc"] == pytest.approx(0.6223, abs=0.002)

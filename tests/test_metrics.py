@@ -73,3 +73,41 @@ def test_impression_without_a_click_is_an_error():
 
     with pytest.raises(ValueError, match="at least one clicked"):
         impression_metrics([np.array([0, 0])], [np.array([0.1, 0.2])])
+
+
+def test_auc_with_ties_across_several_clicks_hand_computed():
+    from shared.metrics import impression_metrics
+
+    # clicks score 0.5, 0.2; non-clicks 0.5, 0.2, 0.1: pairs (6) won 1 (0.5>0.2) + 1 (0.5>0.1) + 1 (0.2>0.1),
+    # tied 0.5=0.5 and 0.2=0.2 count 1/2 each -> (3 + 1) / 6
+    out = impression_metrics([np.array([1, 0, 1, 0, 0])], [np.array([0.5, 0.5, 0.2, 0.2, 0.1])])
+    assert out["auc"] == pytest.approx(4 / 6)
+    # MRR: first click at rank 1 or 2 (1/2 each), second at rank 3 or 4 -> mean of the clicks' expectations
+    assert out["mrr"] == pytest.approx(((1 + 1 / 2) / 2 + (1 / 3 + 1 / 4) / 2) / 2)
+    # a constant scorer is exactly chance, whatever the labels
+    flat = impression_metrics([np.array([1, 1, 0, 0, 0, 0])], [np.zeros(6)])
+    assert flat["auc"] == 0.5
+
+
+def test_history_masking_hand_computed():
+    from shared.metrics import mask_seen
+
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    target = torch.tensor([3])
+    assert ranking_metrics(scores, target)["mrr"] == pytest.approx(1 / 4)
+    masked = mask_seen(scores, [np.array([0, 2])], target)  # two items above the target were seen
+    assert masked[0].tolist() == pytest.approx([-math.inf, 0.8, -math.inf, 0.6, 0.5]) and scores[0, 0] > 0.8  # a copy
+    assert ranking_metrics(masked, target)["mrr"] == pytest.approx(1 / 2)
+    # a repeat (the target was seen before) is never masked away
+    assert ranking_metrics(mask_seen(scores, [np.array([0, 3])], target), target)["mrr"] == pytest.approx(1 / 3)
+
+
+def test_ild_and_coverage_hand_computed():
+    from client.evaluation import beyond_accuracy
+
+    vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    # list 1: items 0, 1 (orthogonal): ILD 1; list 2: items 0, 2 (identical): ILD 0
+    out = beyond_accuracy(torch.tensor([[0, 1], [0, 2]]), vectors, num_items=4)
+    assert out["ild@10"] == pytest.approx(0.5) and out["coverage@10"] == pytest.approx(3 / 4)
+    # three items: pairwise cosines 0, 0.6, 0.8 -> ILD 1 - 1.4 / 3
+    assert beyond_accuracy(torch.tensor([[0, 1, 3]]), vectors, 4)["ild@10"] == pytest.approx(1 - 1.4 / 3)
