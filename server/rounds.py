@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from shared.checkpoint import export_adapter, load_checkpoint, save_checkpoint
@@ -56,6 +57,14 @@ def metric_lines(server_round: int, strategy: CrossrecFedAvg, reference: str = "
     return rows
 
 
+def exchange(grid: Grid, strategy: CrossrecFedAvg, messages: Iterable[Message], cfg: Config) -> list[Message]:
+    """Send, wait up to ``fed.timeout`` for the replies, and tell the strategy where each message went."""
+    sent = list(messages)
+    replies = list(grid.send_and_receive(sent, timeout=cfg.fed.timeout))
+    strategy.sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # ids are set when sent
+    return replies
+
+
 def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarray]:
     """Run rounds ``done+1 .. fed.rounds``; checkpoint after each; export the final adapter."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,9 +74,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
     for server_round in range(done + 1, cfg.fed.rounds + 1):
         started = time.time()
         log.info("[ROUND %d/%d] training", server_round, cfg.fed.rounds)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, global_record, ConfigRecord(), grid), timeout=cfg.fed.timeout
-        )
+        messages = strategy.configure_train(server_round, global_record, ConfigRecord(), grid)
+        replies = exchange(grid, strategy, messages, cfg)
         new_record, _ = strategy.aggregate_train(server_round, replies)
         if new_record is None:
             raise RuntimeError(
@@ -75,9 +83,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
                 f"({'; '.join(strategy.dropped[-3:]) or 'no replies'}); the last checkpoint is intact, resume from it"
             )
         global_record = new_record
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, global_record, ConfigRecord(), grid), timeout=cfg.fed.timeout
-        )
+        messages = strategy.configure_evaluate(server_round, global_record, ConfigRecord(), grid)
+        replies = exchange(grid, strategy, messages, cfg)
         strategy.aggregate_evaluate(server_round, replies)
         rows = metric_lines(server_round, strategy)
         with (run_dir / METRICS_FILE).open("a") as fh:

@@ -83,6 +83,15 @@ class CrossrecFedAvg(FedAvg):
         self.train_metrics: dict[str, dict[str, float]] = {}
         self.eval_metrics: dict[str, dict[str, float]] = {}
         self.dropped: list[str] = []
+        self.sent_to: dict[str, int] = {}  # message id -> destination node, set before replies are aggregated
+        self.node_scenarios: dict[int, str] = {}  # node id -> scenario, from accepted replies
+
+    def source(self, msg: Message) -> str:
+        """Who a reply is from: its scenario, else the node it was sent to (the SuperLink answers for a node
+        that went offline, under its own id)."""
+        node = self.sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        name = scenario_of(msg)
+        return self.node_scenarios.get(node, f"node {node}") if name.startswith("node ") else name
 
     def _accept(self, server_round: int, replies: Iterable[Message], expected: Expected | None) -> list[Message]:
         accepted = []
@@ -90,8 +99,9 @@ class CrossrecFedAvg(FedAvg):
             problem = reply_problem(msg, expected)
             if problem is None:
                 accepted.append(msg)
+                self.node_scenarios[msg.metadata.src_node_id] = scenario_of(msg)
             else:
-                reason = f"round {server_round}: dropped reply from {scenario_of(msg)}: {problem}"
+                reason = f"round {server_round}: dropped reply from {self.source(msg)}: {problem}"
                 log.warning(reason)
                 self.dropped.append(reason)
         return accepted
