@@ -9,6 +9,7 @@ are given (see :func:`beyond_accuracy`).
 
 from __future__ import annotations
 
+import functools
 from typing import cast
 
 import numpy as np
@@ -149,11 +150,19 @@ def impression_scores(
     ]
 
 
+def frozen_table(cfg: Config, texts: list[str]) -> torch.Tensor:
+    """Item vectors (N, H) of the frozen encoder for a catalog: the fixed space ILD is measured in."""
+    return _frozen_table(cfg.model.encoder, cfg.model.max_length, cfg.lora.layers, tuple(texts))
+
+
+@functools.lru_cache(maxsize=4)
 @torch.no_grad()
-def frozen_table(model: RecModel) -> torch.Tensor:
-    """Item vectors (N, H) of the frozen encoder (LoRA disabled): the fixed space ILD is measured in."""
-    with model.encoder.disable_adapter():
-        return model.item_table()
+def _frozen_table(encoder: str, max_length: int, lora_layers: int, texts: tuple[str, ...]) -> torch.Tensor:
+    """The item table of a model at initialisation (LoRA starts as the identity), cached per catalog."""
+    cfg = Config.from_run_config({"model.encoder": encoder, "model.max-length": max_length, "lora.layers": lora_layers})
+    model = RecModel(cfg)
+    model.attach_catalog(list(texts))
+    return model.item_table()
 
 
 @torch.no_grad()
@@ -172,7 +181,7 @@ def evaluate(
     if table is None:
         table = model.item_table()  # once for both splits
     if vectors is None:
-        vectors = frozen_table(model)
+        vectors = frozen_table(cfg, data.scenario.texts)
     out: dict[str, float] = {}
     for split in ("valid", "test"):
         if data.scenario.impressions is not None:

@@ -58,7 +58,7 @@ def zero_shot_rows(cfg: Config, datasets: Iterable[LocalData]) -> tuple[list[Row
     rows, vectors = [], {}
     for d in datasets:
         model = build_model(cfg, d)
-        table = vectors[d.scenario.name] = model.item_table()
+        table = vectors[d.scenario.name] = frozen_table(cfg, d.scenario.texts)  # = model.item_table() at init
         flat = evaluate(model, d, cfg, table=table, vectors=table)
         rows.append({"round": 0, "scenario": d.scenario.name, "reference": "zero_shot", **split_metrics(flat)})
     return rows, vectors
@@ -67,7 +67,7 @@ def zero_shot_rows(cfg: Config, datasets: Iterable[LocalData]) -> tuple[list[Row
 def local_rows(cfg: Config, data: LocalData, on_row: Callable[[Row], None] | None = None) -> list[Row]:
     """One scenario alone: the same model, initial weights, rounds and steps as a federated client."""
     model = build_model(cfg, data)  # same seed as the server's initial weights
-    vectors = frozen_table(model)
+    vectors = frozen_table(cfg, data.scenario.texts)
     rows: list[Row] = []
     for server_round in range(1, cfg.fed.rounds + 1):
         stats = train_round(model, data, cfg, server_round)
@@ -124,14 +124,12 @@ def centralized_rows(
         cfg, train=dataclasses.replace(cfg.train, local_steps=cfg.train.local_steps * len(datasets))
     )
     model = build_model(cfg, pooled)
-    vectors = frozen_table(model)
     rows: list[Row] = []
     for server_round in range(1, cfg.fed.rounds + 1):
         stats = train_round(model, pooled, steps, server_round)
         table = model.item_table()
         for d, off in zip(datasets, offsets, strict=True):
-            part = slice(off, off + d.scenario.num_items)
-            flat = evaluate(model, d, cfg, table=table[part], vectors=vectors[part])
+            flat = evaluate(model, d, cfg, table=table[off : off + d.scenario.num_items])
             row: Row = {"round": server_round, "scenario": d.scenario.name, "reference": "centralized", "train": stats}
             rows.append(row | split_metrics(flat))
             if on_row:
