@@ -99,6 +99,8 @@ class Ledger:
 def plan(cfg: Config, scenario: str, num_users: int, trainable_users: int) -> Ledger:
     """A fresh ledger: delta, sample rate and the noise multiplier for the whole planned run."""
     p = cfg.privacy
+    if not p.enabled:
+        raise ValueError("config key 'privacy.epsilon' = 0: differential privacy is off, there is nothing to plan")
     delta = p.delta or 1.0 / (10 * num_users)
     rate = min(1.0, cfg.train.batch_size / trainable_users)
     steps = cfg.fed.rounds * cfg.train.local_steps

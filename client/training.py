@@ -108,12 +108,13 @@ def loss_fn(
     plus ``aux_weight`` x the BCE of every labelled non-ranking objective on the target.
 
     Each user's loss depends on that user's example only (and on public random negatives), so a
-    per-example gradient is a per-user gradient: what DP-SGD clips. The target goes through the
-    LoRA layers; negatives and history come from the item table refreshed at round start (a memory
-    bank), which also keeps every module's batch dimension equal to the number of users.
+    per-example gradient is a per-user gradient: what DP-SGD clips. Target and negatives go through
+    the LoRA layers as one packed row per user (negatives from a round-start table would let the
+    adapters pull every fresh target toward its user: measured, it collapses the item space);
+    history vectors come from the item table refreshed at round start.
     """
     users = model.user_vectors(history, table)  # (B, H)
-    items = torch.cat([model.encode_items(target)[:, None], table[negatives]], dim=1)  # (B, 1+N, H)
+    items = model.encode_items(torch.cat([target[:, None], negatives], dim=1))  # (B, 1+N, H), fresh through LoRA
     logits = model(users, items)  # (B, 1+N, K)
     collide = torch.cat([torch.zeros_like(target, dtype=torch.bool)[:, None], negatives == target[:, None]], 1)
     rank = -logits[..., 0].masked_fill(collide, -torch.inf).log_softmax(-1)[:, 0]  # (B,)
@@ -122,7 +123,7 @@ def loss_fn(
         mask = ~torch.isnan(labels[:, k])
         bce = F.binary_cross_entropy_with_logits(logits[:, 0, k], labels[:, k].nan_to_num(0.0), reduction="none")
         per_user = per_user + aux_weight * bce * mask
-        parts[f"loss_aux{k}"] = float((bce * mask).sum() / mask.sum().clamp(min=1))
+        parts[f"loss_aux{k}"] = float((bce * mask).detach().sum() / mask.sum().clamp(min=1))
     return per_user.mean(), parts
 
 

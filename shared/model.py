@@ -238,17 +238,44 @@ class RecModel(nn.Module):
         return int(self._prefix.shape[0])
 
     def encode_items(self, index: torch.Tensor) -> torch.Tensor:
-        """Item vectors (B, H), unit norm, for catalog indices (B,), through the LoRA layers."""
+        """Item vectors, unit norm, through the LoRA layers: catalog indices (B,) -> (B, H), or (B, C) -> (B, C, H).
+
+        Each row's items are packed into one sequence of their real tokens (no padding between them)
+        with block-diagonal attention: every item attends to its own tokens only, so its vector is the
+        one it gets alone, and every layer sees one sample per row: a per-row gradient is the
+        gradient of that row alone (what per-user DP clipping needs).
+        """
         if self._prefix is None or self._mask is None:
             raise RuntimeError("call attach_catalog() first")
-        mask = self._mask[index]  # (B, L)
+        groups = index if index.dim() == 2 else index[:, None]
+        rows, per_row = groups.shape
+        mask = self._mask[groups.reshape(-1)]  # (B*C, L)
         length = int(mask.sum(1).max())
-        mask = mask[:, :length]
-        hidden = self._prefix[index, :length]  # (B, L, H)
-        attention = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=mask)
+        hidden = self._prefix[groups.reshape(-1), :length].reshape(rows, per_row * length, -1)
+        real = mask[:, :length].reshape(rows, per_row * length).bool()
+        slot = torch.arange(per_row * length).div(length, rounding_mode="floor").expand(rows, -1)
+        at = real.cumsum(1) - 1  # position of each real token in its packed row
+        row = torch.arange(rows)[:, None].expand_as(real)
+        packed = hidden.new_zeros(rows, int(real.sum(1).max()), hidden.shape[-1])
+        packed[row[real], at[real]] = hidden[real]
+        item = torch.full(packed.shape[:2], -1, dtype=torch.long)  # item slot of each packed token, -1 = padding
+        item[row[real], at[real]] = slot[real]
+
+        def same_item(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return item[b, q] == item[b, kv]
+
+        attention = create_bidirectional_mask(
+            config=self.bert.config,
+            inputs_embeds=packed,
+            attention_mask=item >= 0,
+            and_mask_function=same_item,
+            allow_is_bidirectional_skip=False,
+        )
         for layer in getattr(self.bert, "encoder").layer[self.frozen_layers :]:  # noqa: B009 - typed as Module
-            hidden = layer(hidden, attention)
-        return mean_pool(hidden, mask)
+            packed = layer(packed, attention)
+        weights = (item[:, None, :] == torch.arange(per_row)[None, :, None]).to(packed.dtype)  # (B, C, S)
+        vectors = F.normalize((weights @ packed) / weights.sum(-1, keepdim=True), dim=-1)  # (B, C, H)
+        return vectors if index.dim() == 2 else vectors[:, 0]
 
     @torch.no_grad()
     def item_table(self, batch_size: int = 256) -> torch.Tensor:

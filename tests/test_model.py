@@ -40,6 +40,23 @@ def test_cached_prefix_forward_equals_full_forward(tiny_cfg, demo_dir):
     assert not torch.allclose(cached, mean_pool(model, [data.scenario.texts[i] for i in index], tiny_cfg), atol=1e-3)
 
 
+@torch.no_grad()
+def test_packed_rows_of_items_equal_items_encoded_one_by_one(tiny_cfg, demo_dir):
+    """(B, C) packing with block-diagonal attention: the same vectors as C separate items."""
+    data = prepare(load_scenario(demo_dir / "news"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    for p in model.encoder.parameters():
+        if p.requires_grad:
+            p.normal_(0, 0.5)
+    index = torch.randint(model.num_items, (5, 7), generator=torch.Generator().manual_seed(0))
+    packed = model.encode_items(index)
+    assert packed.shape == (5, 7, 32)
+    one_by_one = torch.cat([model.encode_items(torch.tensor([i])) for i in index.reshape(-1).tolist()])
+    torch.testing.assert_close(packed, one_by_one.reshape(5, 7, 32), atol=1e-5, rtol=1e-5)
+    full = full_encoder_items(model, [data.scenario.texts[i] for i in index[2].tolist()])
+    torch.testing.assert_close(packed[2], full, atol=1e-5, rtol=1e-5)
+
+
 def test_only_adapters_user_model_and_head_are_trainable(tiny_cfg):
     model = RecModel(tiny_cfg)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
