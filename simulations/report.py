@@ -128,10 +128,27 @@ def results_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def privacy_spent(rows: list[Row]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per private reference and scenario, the epsilon and delta reported by the last round a client trained."""
+    spent: dict[str, dict[str, dict[str, float]]] = {}
+    for row in sorted(rows, key=lambda r: int(r["round"])):
+        train = row.get("train", {})
+        if "privacy.epsilon" in train:
+            spent.setdefault(str(row["reference"]), {})[str(row["scenario"])] = {
+                "epsilon": float(train["privacy.epsilon"]),
+                "delta": float(train["privacy.delta"]),
+            }
+    return spent
+
+
 def write_outputs(
     run_dir: Path, rows: list[Row], selected: dict[str, dict[str, Row]], timings: dict[str, float], notes: list[str]
 ) -> dict[str, Any]:
     result = summary(selected)
+    spent = privacy_spent(rows)
+    if spent:  # privacy.NAME.{epsilon,delta}: the main private reference; every private one by reference
+        result["privacy"] = spent.get("federated", next(iter(spent.values())))
+        result["privacy_by_reference"] = spent
     result["wall_seconds"] = timings
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, run_dir / "plots")
