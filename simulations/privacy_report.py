@@ -11,7 +11,12 @@ pairs (initial model minus trained model, same fixed negatives). Attack AUC 0.5 
 than chance. Training alone on one scenario without federated averaging is the strongest
 setting for the attacker, so the figures bound what leaves a client.
 
-    python -m simulations.privacy_report --epsilons 1,4,8 [--data DIR] [--out runs/privacy-latest]
+Utility (``--baseline RUN``): the federated simulation again at each epsilon (real Flower runs, the
+same data and config), compared on the test split, round chosen on validation, with the non-private
+federated reference of RUN (a ``crossrec simulate`` run folder on the same data and config); writes
+``utility.png`` (macro primary metric against epsilon).
+
+    python -m simulations.privacy_report --epsilons 1,4,8 [--data DIR] [--baseline runs/latest] [--out DIR]
 """
 
 from __future__ import annotations
@@ -36,7 +41,55 @@ from shared.demo import write_demo_federation
 from shared.metrics import impression_metrics
 from shared.model import RecModel
 
-from .simulate import parse_overrides
+from .references import primary_metric, select_rounds
+from .simulate import federated_rows, parse_overrides
+
+
+def macro(rows: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
+    """Round chosen on validation; the test primary metric per scenario and its mean."""
+    chosen = select_rounds(rows)
+    per = {name: float(row["test"][primary_metric(row)]) for name, row in chosen.items()}
+    return float(np.mean(list(per.values()))), per
+
+
+def utility(
+    baseline: Path, data_dir: Path, overrides: dict[str, Any], epsilons: list[float], out: Path
+) -> dict[str, Any]:
+    """Federated utility at each epsilon next to the non-private federated run in ``baseline``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_rows = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines()]
+    base_value, base_per = macro([r for r in base_rows if r["reference"] == "federated"])
+    table: dict[str, Any] = {"none": {"macro": base_value, "scenarios": base_per, "run": str(baseline)}}
+    for eps in epsilons:
+        started = time.time()
+        flat = {**overrides, "data.dir": str(data_dir), "privacy.epsilon": eps}
+        cfg = Config.from_run_config(Config().to_flat() | flat)
+        rows, _ = federated_rows(out / f"federated-eps{eps:g}", flat, len(cfg.data.scenario_names), cfg.fed.rounds)
+        value, per = macro([r for r in rows if r["reference"] == "federated"])
+        last = max(int(r["round"]) for r in rows)
+        spent = {r["scenario"]: r["train"]["privacy.epsilon"] for r in rows if int(r["round"]) == last}
+        table[f"{eps:g}"] = {
+            "macro": value,
+            "scenarios": per,
+            "ratio_to_non_private": value / base_value,
+            "epsilon_spent": spent,
+            "seconds": time.time() - started,
+        }
+        print(f"epsilon {eps:g}: macro {value:.4f} = {value / base_value:.2f} x non-private {base_value:.4f}")
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(epsilons, [table[f"{e:g}"]["macro"] for e in epsilons], "o-", label="federated, user-level DP")
+    ax.axhline(base_value, color="k", ls="--", label="federated, no DP")
+    ax.set(xlabel="epsilon (per scenario, whole run)", ylabel="macro test metric (NDCG@10 / AUC)", xscale="log")
+    ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "utility.png", dpi=120)
+    plt.close(fig)
+    return table
 
 
 def step_times(cfg: Config, data: LocalData, repeats: int = 12) -> dict[str, float]:
@@ -128,16 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", default="1,4,8", help="private settings to audit, comma-separated")
     parser.add_argument("--run-config", default="", help='config overrides, e.g. "fed.rounds=4"')
     parser.add_argument("--out", default="runs/privacy-latest", help="folder for privacy.json")
+    parser.add_argument("--baseline", help="a non-private `crossrec simulate` run folder: adds the utility runs")
+    parser.add_argument("--skip-audit", action="store_true", help="utility runs only")
     args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     cfg = Config.from_run_config(Config().to_flat() | parse_overrides(args.run_config))
     data_dir = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="crossrec-demo-"))
-    if not args.data:
+    if not args.data and args.baseline:
+        data_dir = Path(args.baseline) / "data"  # the demo federation the baseline run wrote
+    elif not args.data:
         write_demo_federation(data_dir, seed=0)
     from client.training import prepare
 
-    epsilons = [0.0, *(float(e) for e in args.epsilons.split(",") if e.strip())]
+    private = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    epsilons = [0.0, *private]
     report: dict[str, Any] = {"config": cfg.to_flat(), "threads": torch.get_num_threads(), "scenarios": {}}
-    for name in cfg.data.scenario_names:
+    if args.baseline:
+        overrides = parse_overrides(args.run_config)
+        report["utility"] = utility(Path(args.baseline).resolve(), data_dir.resolve(), overrides, private, out)
+        (out / "privacy.json").write_text(json.dumps(report, indent=1) + "\n")
+    for name in [] if args.skip_audit else cfg.data.scenario_names:
         data = prepare(load_scenario(data_dir / name, lenient=cfg.data.lenient), cfg)
         entry: dict[str, Any] = {"users": len(data.scenario.users), "step_time": step_times(cfg, data), "audit": {}}
         t = entry["step_time"]
@@ -153,10 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["audit"]["none" if eps == 0 else f"{eps:g}"] = audit | {"seconds": time.time() - started}
             print(f"{name}: {label}: attack AUC {audit['attack_auc']:.3f} ({time.time() - started:.0f}s)", flush=True)
         report["scenarios"][name] = entry
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "privacy.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(markdown(report))
+    if report["scenarios"]:
+        print(markdown(report))
     print(f"wrote {out / 'privacy.json'}")
     return 0
 
