@@ -242,3 +242,19 @@ def test_resumed_simulation_continues_the_ledger_of_the_run_it_resumes(tiny_cfg,
     cfg = Config.from_run_config(flat)
     ledger = open_ledger(cfg, ledger_path(cfg, {}, "news"), "news", 100, 100)
     assert ledger.steps == 5 and ledger.epsilon() == spent.epsilon()
+
+
+@pytest.mark.integration
+def test_private_flower_simulation_reports_epsilon_per_scenario(tiny_cfg, tmp_path):
+    from test_simulation import overrides
+
+    from simulations.simulate import simulate
+
+    run = simulate(overrides(tiny_cfg, **{"fed.rounds": 2, "privacy.epsilon": 4.0}), runs_dir=str(tmp_path))
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["privacy"]) == {"shop", "video", "news"}
+    for name, spent in summary["privacy"].items():
+        ledger = Ledger.load(run / "clients" / name / LEDGER)
+        assert ledger.steps == 2 * tiny_cfg.train.local_steps and ledger.rounds == [1, 2]
+        assert spent["epsilon"] == pytest.approx(ledger.epsilon()) and 3.9 <= spent["epsilon"] <= 4.0
+        assert spent["delta"] == pytest.approx(1 / (10 * 360))
