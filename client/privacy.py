@@ -167,6 +167,18 @@ class DPSGD:
             wrapped._close()
 
     @staticmethod
+    def step(optimizer: DPOptimizer, model: torch.nn.Module) -> None:
+        """One DP-SGD step, then a check that every trainable weight moved: noise reaches every weight
+        the optimiser holds, so one that did not move was never wrapped (e.g. a LoRA layer Opacus or peft
+        lost track of) while epsilon is still being spent."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        before = [p.detach().clone() for _, p in named]
+        optimizer.step()
+        stuck = [n for (n, p), old in zip(named, before, strict=True) if torch.equal(p, old)]
+        if stuck:
+            raise RuntimeError(f"a DP-SGD step left trainable weights unchanged: {', '.join(stuck[:5])}")
+
+    @staticmethod
     def empty_batch(params: list[torch.nn.Parameter]) -> None:
         """No user sampled: zero per-user gradients, so the step adds noise only."""
         for p in params:

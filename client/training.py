@@ -150,7 +150,10 @@ def train_round(
             else:  # an empty Poisson batch is still a noisy step
                 privacy.empty_batch(params)  # type: ignore[union-attr]
                 parts = {}
-            step_optimizer.step()
+            if privacy is not None:
+                privacy.step(step_optimizer, model)
+            else:
+                step_optimizer.step()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.train.local_steps
     model.eval()

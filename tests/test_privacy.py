@@ -258,3 +258,21 @@ def test_private_flower_simulation_reports_epsilon_per_scenario(tiny_cfg, tmp_pa
         assert ledger.steps == 2 * tiny_cfg.train.local_steps and ledger.rounds == [1, 2]
         assert spent["epsilon"] == pytest.approx(ledger.epsilon()) and 3.9 <= spent["epsilon"] <= 4.0
         assert spent["delta"] == pytest.approx(1 / (10 * 360))
+
+
+def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cfg, demo_dir):
+    """The peft/Opacus pitfall: weights the optimiser does not update while epsilon is spent."""
+    cfg = private(tiny_cfg)
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    model = build_model(cfg, data)
+    lora = [p for n, p in model.named_parameters() if "lora_A" in n]
+    held = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in lora)]
+    optimizer = torch.optim.AdamW(held, lr=1e-3)  # the LoRA weights are not in it
+    ledger = plan(cfg, "shop", 360, 360)
+    with pytest.raises(RuntimeError, match="left trainable weights unchanged: .*lora_A"):
+        with DPSGD(ledger, cfg.train.batch_size).attached(model, optimizer) as dp_optimizer:
+            rng = np.random.default_rng(0)
+            batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
+            model.train()
+            loss_fn(model, *batch, model.item_table(), 0.5)[0].backward()
+            DPSGD.step(dp_optimizer, model)
