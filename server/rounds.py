@@ -96,6 +96,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
             cfg,
             {
                 "metrics": {r["scenario"]: {"valid": r["valid"], "test": r["test"]} for r in rows},
+                "privacy": {  # epsilon spent so far, as each private client reported it this round
+                    r["scenario"]: {"epsilon": r["train"]["privacy.epsilon"], "delta": r["train"]["privacy.delta"]}
+                    for r in rows
+                    if "privacy.epsilon" in r["train"]
+                },
                 "dropped": strategy.dropped,
             },
         )

@@ -258,6 +258,11 @@ def test_private_flower_simulation_reports_epsilon_per_scenario(tiny_cfg, tmp_pa
         assert ledger.steps == 2 * tiny_cfg.train.local_steps and ledger.rounds == [1, 2]
         assert spent["epsilon"] == pytest.approx(ledger.epsilon()) and 3.9 <= spent["epsilon"] <= 4.0
         assert spent["delta"] == pytest.approx(1 / (10 * 360))
+    meta = json.loads((run / "checkpoints/round-0001/meta.json").read_text())
+    assert set(meta["privacy"]) == {"shop", "video", "news"}
+    assert all(0 < p["epsilon"] < summary["privacy"][n]["epsilon"] for n, p in meta["privacy"].items())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("privacy.epsilon" in r["train"] for r in rows if r["reference"] == "federated")
 
 
 def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cfg, demo_dir):
