@@ -13,20 +13,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from shared.config import Config
 from shared.data import write_scenario
 from shared.loaders import PUBLIC_FORMATS, load_public
 
 from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
-from .report import write_outputs
+from .report import summary, write_outputs
 from .simulate import APP_DIR, federated_rows, load_datasets, parse_overrides, print_table
 
 DEFAULT_DATA = APP_DIR.parent / "shared" / "data"
@@ -98,6 +102,36 @@ def parse_epsilons(text: str) -> list[float]:
     return values
 
 
+class CpuMeter:
+    """CPU seconds (user + system) used by this process and every process below it (Flower, Ray workers),
+    sampled every second: a load-independent measure beside the wall time on a shared machine."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, float] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> float:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                with self.lock:
+                    self.seen[proc.pid] = max(self.seen.get(proc.pid, 0.0), times.user + times.system)
+        with self.lock:
+            return sum(self.seen.values())
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            self.sample()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 class Progress:
     """One line per step, with the stage number and the elapsed time."""
 
@@ -158,7 +192,7 @@ def benchmark(
     references: Sequence[str] = REFERENCES,
 ) -> Path:
     """Run the benchmark; returns the run folder (``RUNS/benchmark-latest`` points at it)."""
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()
     data_root = Path(data) if data is not None else DEFAULT_DATA
     if not data_root.is_dir():
         raise FileNotFoundError(f"data directory {data_root} not found (pass --data DIR)")
@@ -191,10 +225,12 @@ def benchmark(
 
     rows: list[Row] = []
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    meter = CpuMeter()
     vectors = None
     for reference in wanted:
         progress.begin(reference)
-        t0 = time.time()
+        t0, c0 = time.time(), meter.sample()
         if reference.startswith("federated"):
             extra = (
                 {} if reference == "federated" else {"privacy.epsilon": float(reference.removeprefix("federated-eps"))}
@@ -209,12 +245,12 @@ def benchmark(
             new = [row for d in datasets for row in local_rows(cfg, d, progress.row)]
         else:
             new = centralized_rows(cfg, datasets, progress.row)
-        timings[reference] = time.time() - t0
+        timings[reference], cpu[reference] = time.time() - t0, meter.sample() - c0
         if reference.startswith("federated") or reference == "zero_shot":
             for row in new:
                 progress.row(row)
         rows += new
-        progress.show(f"    {reference} done in {timings[reference]:.0f}s")
+        progress.show(f"    {reference} done in {timings[reference]:.0f}s (CPU {cpu[reference]:.0f}s)")
 
     with (run_dir / "metrics.jsonl").open("w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
@@ -223,20 +259,26 @@ def benchmark(
         own = [r for r in rows if r["reference"] == reference]
         selected[reference] = {str(r["scenario"]): r for r in own} if own[0]["round"] == 0 else select_rounds(own)
     timings["total"] = time.time() - started
-    from .report import summary
+    cpu["total"] = meter.sample()
+    meter.close()
+    load = os.getloadavg()
 
     notes = [
         f"run config: {' '.join(f'{k}={v}' for k, v in overrides.items() if k not in ('data.dir',))}",
+        "CPU seconds (this process and all below it): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+        + f"; load average (1 / 5 / 15 min) at the start {' / '.join(f'{x:.1f}' for x in load_start)}, "
+        f"at the end {' / '.join(f'{x:.1f}' for x in load)}",
         *goal_notes(summary(selected)),
     ]
-    result = write_outputs(run_dir, rows, selected, timings, notes)
+    result = write_outputs(run_dir, rows, selected, timings, notes, {"cpu_seconds": cpu, "notes": notes})
     latest = Path(runs_dir).resolve() / "benchmark-latest"
     tmp_link = latest.with_name(".benchmark-latest-tmp")
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(run_dir.name)
     os.replace(tmp_link, latest)
     print_table(result)
-    for note in notes[1:]:
+    for note in notes[2:]:
         print(f"  {note}")
     print(f"crossrec: benchmark done in {timings['total']:.0f}s; outputs in {latest} -> {run_dir.name}")
     return run_dir

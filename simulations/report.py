@@ -142,7 +142,12 @@ def privacy_spent(rows: list[Row]) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def write_outputs(
-    run_dir: Path, rows: list[Row], selected: dict[str, dict[str, Row]], timings: dict[str, float], notes: list[str]
+    run_dir: Path,
+    rows: list[Row],
+    selected: dict[str, dict[str, Row]],
+    timings: dict[str, float],
+    notes: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     result = summary(selected)
     spent = privacy_spent(rows)
@@ -150,6 +155,7 @@ def write_outputs(
         result["privacy"] = spent.get("federated", next(iter(spent.values())))
         result["privacy_by_reference"] = spent
     result["wall_seconds"] = timings
+    result |= extra or {}
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, run_dir / "plots")
     (run_dir / "report.md").write_text(markdown(result, timings, notes))
