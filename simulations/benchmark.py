@@ -57,8 +57,8 @@ DEFAULT_RUN_CONFIG = {
     "model.max-length": 32,
     "model.history": 20,
     "model.head-hidden": 32,
-    "fed.rounds": 5,
-    "train.local-steps": 40,
+    "fed.rounds": 4,
+    "train.local-steps": 50,
 }
 REFERENCES = ("federated", "zero_shot", "popularity", "local", "centralized")
 
