@@ -160,9 +160,24 @@ class Federation:
             config_text(overrides),
         )
 
-    def stop(self) -> None:
+    def stop(self) -> list[int]:
+        """Stop every process started, with its descendants; return the PIDs still running afterwards."""
+        tree: list[psutil.Process] = []
+        for proc in self.procs:
+            try:
+                tree += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
         for proc in reversed(self.procs):
             stop_tree(proc)
+        survivors = []
+        for p in tree:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    survivors.append(p.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return survivors
 
 
 def finished(proc: subprocess.Popen[bytes], log: Path) -> int:
@@ -183,8 +198,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iter
             fed.wait_connected(name, 1)
         yield fed
     finally:
-        fed.stop()
-        assert all(p.poll() is not None for p in fed.procs), "a process outlived the federation"
+        survivors = fed.stop()
+        assert not survivors, f"processes outlived the federation: {survivors}"
 
 
 def full_run(federation: Federation, cfg: Config) -> Path:
