@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from client.evaluation import frozen_table
 from client.training import LocalData, prepare
 from server.launch import flwr_run, simulation_superlink
 from server.rounds import METRICS_FILE
@@ -68,7 +69,7 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     rows, final = federated_rows(run_dir, overrides, len(datasets), cfg.fed.rounds)
     timings["federated"] = time.time() - t0
     t0 = time.time()
-    pop = popularity_rows(datasets)
+    pop = popularity_rows(datasets, {d.scenario.name: frozen_table(cfg, d.scenario.texts) for d in datasets})
     timings["popularity"] = time.time() - t0
     t0 = time.time()
     local = []

@@ -43,7 +43,8 @@ def test_simulation_end_to_end_then_resume_from_round_1(tiny_cfg, tmp_path):
     for refs in summary["scenarios"].values():
         assert set(refs) == {"popularity", "local", "federated"}
         for metrics in refs.values():
-            assert set(metrics) == {"hr@10", "ndcg@10", "mrr"} and all(0 <= v <= 1 for v in metrics.values())
+            assert set(metrics) == {"hr@10", "ndcg@10", "mrr", "ild@10", "coverage@10"}
+            assert all(0 <= v <= 1 for v in metrics.values())
     rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
     fed = [(r["round"], r["scenario"]) for r in rows if r["reference"] == "federated"]
     assert sorted(fed) == sorted((r, s) for r in (1, 2) for s in ("shop", "video", "news"))
