@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--runs-dir", default="runs", help="where the run folder goes (default: runs)")
     bench.add_argument("--epsilons", default="", help="add private federated references, e.g. 1,4,8")
     bench.add_argument("--references", default="federated,zero_shot,popularity,local,centralized", help="subset to run")
+    bench.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one reference after another (default: the Flower simulation runs beside the in-process references)",
+    )
     for name, text in (("recommend", "print recommendations from a checkpoint"), ("serve", "run the HTTP service")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest round)")
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.runs_dir,
                 parse_epsilons(args.epsilons),
                 [r.strip() for r in args.references.split(",") if r.strip()],
+                concurrent=not args.sequential,
             )
         elif args.command == "convert":
             convert(args.format, args.src, args.out, args.name, args.lenient)
