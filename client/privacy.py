@@ -170,7 +170,10 @@ class DPSGD:
     def step(optimizer: DPOptimizer, model: torch.nn.Module) -> None:
         """One DP-SGD step, then a check that every trainable weight moved: noise reaches every weight
         the optimiser holds, so one that did not move was never wrapped (e.g. a LoRA layer Opacus or peft
-        lost track of) while epsilon is still being spent."""
+        lost track of) while epsilon is still being spent. (Noise 0, used only in ablations, skips it.)"""
+        if optimizer.noise_multiplier == 0:
+            optimizer.step()
+            return
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         before = [p.detach().clone() for _, p in named]
         optimizer.step()
