@@ -272,12 +272,17 @@ def benchmark(
 
     # The Flower simulation runs in its own processes: the in-process references run beside it.
     federation = threading.Thread(target=run_federated, name="federated")
-    federation.start() if concurrent else run_federated()
+    if concurrent:
+        federation.start()
+    else:
+        run_federated()
     try:
-        for reference in (r for r in wanted if not r.startswith("federated")):
-            run(reference)
+        if not failures:
+            for reference in (r for r in wanted if not r.startswith("federated")):
+                run(reference)
     finally:
-        federation.join() if concurrent else None
+        if concurrent:
+            federation.join()
     if failures:
         raise failures[0]
     rows = [row for reference in wanted for row in results[reference]]
