@@ -89,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(msg, data, spent, refused=refusal)
     model = build_model(cfg, data)
     load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
-    stats = train_round(model, data, cfg, server_round, DPSGD(ledger, cfg.train.batch_size))
+    stats = train_round(model, data, cfg, server_round, DPSGD(ledger, len(data.trainable_users)))
     ledger.record(cfg.train.local_steps, server_round)
     ledger.save(path)  # before the weights leave: a crash after this over-counts, never under-counts
     spent = {"privacy.epsilon": ledger.epsilon(), "privacy.delta": ledger.delta}

@@ -148,8 +148,9 @@ def open_ledger(cfg: Config, path: Path, scenario: str, num_users: int, trainabl
 class DPSGD:
     """Opacus DP-SGD for one round, driven by a ledger."""
 
-    def __init__(self, ledger: Ledger, batch_size: int) -> None:
-        self.ledger, self.batch_size = ledger, batch_size
+    def __init__(self, ledger: Ledger, trainable_users: int) -> None:
+        self.ledger = ledger
+        self.batch_size = max(1, round(ledger.sample_rate * trainable_users))  # expected Poisson batch
 
     @contextlib.contextmanager
     def attached(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[DPOptimizer]:

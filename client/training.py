@@ -64,7 +64,7 @@ def sample_users(data: LocalData, cfg: Config, rng: np.random.Generator, poisson
     """Users of one step: ``train.batch-size`` drawn with replacement, or (under DP) each trainable user
     independently with probability batch-size / trainable users (Poisson sampling; may be empty)."""
     if poisson:
-        rate = cfg.train.batch_size / len(data.trainable_users)
+        rate = min(1.0, cfg.train.batch_size / len(data.trainable_users))  # as the privacy ledger accounts it
         return data.trainable_users[rng.random(len(data.trainable_users)) < rate]
     return rng.choice(data.trainable_users, size=cfg.train.batch_size)
 

@@ -101,7 +101,7 @@ def step_times(cfg: Config, data: LocalData, repeats: int = 12) -> dict[str, flo
     params = [p for p in model.parameters() if p.requires_grad]
     timed = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=cfg.privacy.epsilon or 8.0))
     ledger = plan(timed, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
-    dp = DPSGD(ledger, len(batch[1]))  # the noise multiplier does not change the work of a step
+    dp = DPSGD(ledger, len(data.trainable_users))  # the noise multiplier does not change the work of a step
     model.train()
 
     def step(optimizer: torch.optim.Optimizer) -> float:
@@ -158,7 +158,7 @@ def membership_audit(cfg: Config, data: LocalData, epsilon: float) -> dict[str, 
     ledger = None
     if epsilon > 0:
         ledger = plan(cfg, data.scenario.name, len(members), len(members))
-        privacy = DPSGD(ledger, cfg.train.batch_size)
+        privacy = DPSGD(ledger, len(members))
     for server_round in range(1, cfg.fed.rounds + 1):
         train_round(model, train_data, cfg, server_round, privacy)
         if ledger is not None:

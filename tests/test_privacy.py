@@ -72,7 +72,7 @@ def test_dp_round_moves_lora_weights_and_records_nothing_itself(tiny_cfg, demo_d
     model = build_model(cfg, data)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ledger = plan(cfg, "video", len(data.scenario.users), len(data.trainable_users))
-    stats = train_round(model, data, cfg, 1, DPSGD(ledger, cfg.train.batch_size))
+    stats = train_round(model, data, cfg, 1, DPSGD(ledger, len(data.trainable_users)))
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n]
     assert lora and all(not torch.equal(after[n], before[n]) for n in lora)
@@ -95,7 +95,7 @@ def test_clipped_noiseless_dp_steps_lower_the_loss_through_lora(tiny_cfg, demo_d
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     first = float(loss_fn(model, *batch, table, 0.5)[0])
-    with DPSGD(ledger, len(batch[1])).attached(model, torch.optim.SGD(params, lr=2.0)) as optimizer:
+    with DPSGD(ledger, 360).attached(model, torch.optim.SGD(params, lr=2.0)) as optimizer:
         for _ in range(cfg.train.local_steps):
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model, *batch, table, 0.5)[0].backward()
@@ -133,7 +133,7 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny_cfg, demo_dir):
     assert sum(len(sample_users(data, cfg, rng, poisson=True)) == 0 for _ in range(12)) >= 3
     model = build_model(cfg, data)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train_round(model, data, cfg, 1, DPSGD(plan(cfg, "news", 360, 360), 1))
+    train_round(model, data, cfg, 1, DPSGD(plan(cfg, "news", 360, 360), 360))
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
@@ -275,7 +275,7 @@ def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cf
     optimizer = torch.optim.AdamW(held, lr=1e-3)  # the LoRA weights are not in it
     ledger = plan(cfg, "shop", 360, 360)
     with pytest.raises(RuntimeError, match="left trainable weights unchanged: .*lora_A"):
-        with DPSGD(ledger, cfg.train.batch_size).attached(model, optimizer) as dp_optimizer:
+        with DPSGD(ledger, 360).attached(model, optimizer) as dp_optimizer:
             rng = np.random.default_rng(0)
             batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
             model.train()
