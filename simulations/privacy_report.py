@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/privacy-latest", help="folder for privacy.json")
     parser.add_argument("--baseline", help="a non-private `crossrec simulate` run folder: adds the utility runs")
     parser.add_argument("--skip-audit", action="store_true", help="utility runs only")
+    parser.add_argument("--audit", help="audit settings, e.g. 'none,8' (default: none and every epsilon)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     private = [float(e) for e in args.epsilons.split(",") if e.strip()]
     epsilons = [0.0, *private]
+    if args.audit:
+        epsilons = [0.0 if e.strip() == "none" else float(e) for e in args.audit.split(",") if e.strip()]
     report: dict[str, Any] = {"config": cfg.to_flat(), "threads": torch.get_num_threads(), "scenarios": {}}
     if args.baseline:
         overrides = parse_overrides(args.run_config)
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             label = "non-private" if eps == 0 else f"epsilon {eps:g}"
             entry["audit"]["none" if eps == 0 else f"{eps:g}"] = audit | {"seconds": time.time() - started}
             print(f"{name}: {label}: attack AUC {audit['attack_auc']:.3f} ({time.time() - started:.0f}s)", flush=True)
-        report["scenarios"][name] = entry
+            report["scenarios"][name] = entry
+            (out / "privacy.json").write_text(json.dumps(report, indent=1) + "\n")  # keep what is done
     (out / "privacy.json").write_text(json.dumps(report, indent=1) + "\n")
     if report["scenarios"]:
         print(markdown(report))
