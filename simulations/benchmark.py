@@ -287,33 +287,80 @@ def benchmark(
         raise failures[0]
     rows = [row for reference in wanted for row in results[reference]]
 
-    with (run_dir / "metrics.jsonl").open("w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    selected = {}
-    for reference in wanted:
-        own = [r for r in rows if r["reference"] == reference]
-        selected[reference] = {str(r["scenario"]): r for r in own} if own[0]["round"] == 0 else select_rounds(own)
     timings["total"] = time.time() - started
     cpu["total"] = meter.sample()
     meter.close()
     load = os.getloadavg()
-
     notes = [
         f"run config: {' '.join(f'{k}={v}' for k, v in overrides.items() if k not in ('data.dir',))}",
         "CPU seconds (this process and all below it): "
         + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
         + f"; load average (1 / 5 / 15 min) at the start {' / '.join(f'{x:.1f}' for x in load_start)}, "
         f"at the end {' / '.join(f'{x:.1f}' for x in load)}",
-        *goal_notes(summary(selected)),
     ]
+    return finish(run_dir, Path(runs_dir), rows, wanted, timings, cpu, notes)
+
+
+def finish(
+    run_dir: Path,
+    runs_dir: Path,
+    rows: list[Row],
+    references: Sequence[str],
+    timings: dict[str, float],
+    cpu: dict[str, float],
+    notes: list[str],
+) -> Path:
+    """Select rounds on validation, write metrics.jsonl and the outputs, point ``benchmark-latest`` here."""
+    with (run_dir / "metrics.jsonl").open("w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    selected = {}
+    for reference in references:
+        own = [r for r in rows if r["reference"] == reference]
+        selected[reference] = {str(r["scenario"]): r for r in own} if own[0]["round"] == 0 else select_rounds(own)
+    notes = [*notes, *goal_notes(summary(selected))]
     result = write_outputs(run_dir, rows, selected, timings, notes, {"cpu_seconds": cpu, "notes": notes})
-    latest = Path(runs_dir).resolve() / "benchmark-latest"
+    latest = runs_dir.resolve() / "benchmark-latest"
     tmp_link = latest.with_name(".benchmark-latest-tmp")
     tmp_link.unlink(missing_ok=True)
-    tmp_link.symlink_to(run_dir.name)
+    tmp_link.symlink_to(os.path.relpath(run_dir, latest.parent))
     os.replace(tmp_link, latest)
     print_table(result)
     for note in notes[2:]:
         print(f"  {note}")
     print(f"crossrec: benchmark done in {timings['total']:.0f}s; outputs in {latest} -> {run_dir.name}")
     return run_dir
+
+
+def merge(parts: Sequence[str | os.PathLike[str]], runs_dir: str | os.PathLike[str] = "runs") -> Path:
+    """One benchmark from finished runs of the same run config and data, each holding other references
+    (e.g. references run as separate processes on a shared machine); wall and CPU seconds are each
+    part's own, ``total`` is the longest part. A part may also be the Flower run folder of a benchmark's
+    federated reference (``RUN/federated``: its rows, no timings)."""
+    rows: list[Row] = []
+    timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    config = None
+    for part in map(Path, parts):
+        own = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+        if not (part / "summary.json").is_file():  # a Flower run folder of a benchmark (federated): rows only
+            rows += [r for r in own if str(r["reference"]).startswith("federated")]
+            continue
+        result = json.loads((part / "summary.json").read_text())
+        if config is not None and result["notes"][0] != config:
+            raise ValueError(f"{part}: ran with another config ({result['notes'][0]!r} vs {config!r})")
+        config = result["notes"][0]
+        clash = {r["reference"] for r in own} & {r["reference"] for r in rows}
+        if clash:
+            raise ValueError(f"{part}: references {sorted(clash)} are already in an earlier part")
+        rows += own
+        for key, value in result["wall_seconds"].items():
+            timings[key] = max(timings.get(key, 0.0), value) if key == "total" else value
+        for key, value in result.get("cpu_seconds", {}).items():
+            cpu[key] = cpu.get(key, 0.0) + value if key == "total" else value
+    if config is None:
+        raise ValueError("nothing to merge")
+    references = [r for r in dict.fromkeys(str(x["reference"]) for x in rows)]
+    run_dir = (Path(runs_dir) / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}-merged").resolve()
+    run_dir.mkdir(parents=True)
+    notes = [config, "merged from " + ", ".join(str(Path(p).resolve()) for p in parts)]
+    return finish(run_dir, Path(runs_dir), rows, references, timings, cpu, notes)

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--runs-dir", default="runs", help="where the run folder goes (default: runs)")
     bench.add_argument("--epsilons", default="", help="add private federated references, e.g. 1,4,8")
     bench.add_argument("--references", default="federated,zero_shot,popularity,local,centralized", help="subset to run")
+    bench.add_argument("--merge", default="", help="combine finished benchmark runs (comma-separated folders)")
     bench.add_argument(
         "--sequential",
         action="store_true",
@@ -99,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print("wrote", ", ".join(write_demo_federation(args.out, seed=args.seed)), "to", args.out)
         elif args.command == "benchmark":
-            from .benchmark import benchmark, parse_epsilons
+            from .benchmark import benchmark, merge, parse_epsilons
+
+            if args.merge:
+                merge([m for m in args.merge.split(",") if m], args.runs_dir)
+                return 0
 
             benchmark(
                 args.data,

@@ -127,6 +127,23 @@ def test_benchmark_end_to_end_on_fixture_files(tiny_cfg, tmp_path, capsys):
         ("centralized", 2),
     }
 
+    # merging parts (references run as separate processes) gives the same summary as the single run
+    from simulations.benchmark import merge
+
+    run = latest.resolve()
+    for name, keep in (("part-a", {"zero_shot", "popularity", "local"}), ("part-b", {"centralized"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text((run / "summary.json").read_text())
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows if r["reference"] in keep)
+        )
+    merged = merge([run / "federated", tmp_path / "part-a", tmp_path / "part-b"], runs)
+    again = json.loads((merged / "summary.json").read_text())
+    assert again["scenarios"] == summary["scenarios"] and again["selected_round"] == summary["selected_round"]
+    assert (runs / "benchmark-latest").resolve() == merged
+    with pytest.raises(ValueError, match="already in an earlier part"):
+        merge([tmp_path / "part-a", tmp_path / "part-a"], runs)
+
     # --epsilons names the private references and passes privacy.epsilon to the federated run
     with pytest.raises(ValueError, match="every epsilon must be > 0"):
         from simulations.benchmark import parse_epsilons
