@@ -28,6 +28,8 @@ from .launch import (
     die_with_parent,
     executable,
     flower_env,
+    flwr_cli,
+    start_logged,
     stop_tree,
     toml_value,
     wait_healthy,
@@ -83,16 +85,7 @@ def running_superlink(
     write_connection(flwr_home, local_address(host, port), ca)  # lets `FLWR_HOME=... flwr ...` reach it
     log_file = state_dir / LOG_FILE
     command = superlink_command(state_dir, host, port, ca.resolve(), cert.resolve(), key.resolve())
-    with log_file.open("ab") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=state_dir,
-            env=flower_env(flwr_home),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+    proc = start_logged(command, flwr_home, log_file, cwd=state_dir)
     try:
         url = f"https://{local_address(host, port)}/health"
         wait_healthy(proc, url, startup_timeout, f"flower-superlink (see {log_file})", ca_file=ca)
@@ -110,13 +103,7 @@ def register_supernodes(flwr_home: Path, public_keys: Sequence[Path]) -> list[st
     for key in public_keys:
         if not key.is_file():
             raise FileNotFoundError(f"--register {key}: no such public key file")
-        done = subprocess.run(
-            [executable("flwr"), "supernode", "register", str(key), CONNECTION, "--format", "json"],
-            env=flower_env(flwr_home),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = flwr_cli(flwr_home, "supernode", "register", str(key), CONNECTION, "--format", "json")
         output = done.stdout + done.stderr
         if done.returncode == 0:
             lines.append(f"registered {key}")
@@ -149,13 +136,7 @@ def serve_superlink(
 
 def run_status(flwr_home: Path, run_id: int) -> dict[str, object]:
     """The SuperLink's record of one run (``flwr list --run-id``)."""
-    done = subprocess.run(
-        [executable("flwr"), "list", "--run-id", str(run_id), CONNECTION, "--format", "json"],
-        env=flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = flwr_cli(flwr_home, "list", "--run-id", str(run_id), CONNECTION, "--format", "json")
     try:
         runs = json.loads(done.stdout)["runs"]
         return dict(runs[0])

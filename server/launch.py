@@ -117,6 +117,29 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
     return CONNECTION
 
 
+def start_logged(
+    command: list[str], flwr_home: Path, log_file: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a Flower process in its own session, output appended to ``log_file``; it dies with its parent."""
+    with log_file.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=flower_env(flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+
+
+def flwr_cli(flwr_home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``flwr ARGS...`` against the connections of ``flwr_home``, output captured."""
+    return subprocess.run(
+        [executable("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True, timeout=timeout
+    )
+
+
 @contextlib.contextmanager
 def simulation_superlink(flwr_home: Path, log_file: Path, startup_timeout: float = 60.0) -> Iterator[str]:
     """A SuperLink in simulation mode on a free loopback port; yields the connection name.
@@ -138,15 +161,7 @@ def simulation_superlink(flwr_home: Path, log_file: Path, startup_timeout: float
         "--database",
         str(flwr_home / "state.db"),
     ]
-    with log_file.open("ab") as log:
-        proc = subprocess.Popen(
-            command,
-            env=flower_env(flwr_home),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+    proc = start_logged(command, flwr_home, log_file)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}/health", startup_timeout, f"flower-superlink (see {log_file})")
         yield CONNECTION
