@@ -51,17 +51,6 @@ def impression_inputs(data: LocalData, split: str, history: int) -> tuple[torch.
 
 
 @torch.no_grad()
-def score_users(model: RecModel, history: torch.Tensor, table: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Ranking-objective scores (U, N) over the whole catalog through the head's training path (slow)."""
-    model.eval()
-    rows = []
-    for start in range(0, history.shape[0], batch_size):
-        users = model.user_vectors(history[start : start + batch_size], table)
-        rows.append(model(users, table)[..., 0])
-    return torch.cat(rows)
-
-
-@torch.no_grad()
 def ranking_scores(head: MultiObjectiveHead, users: torch.Tensor, items: torch.Tensor, block: int = 64) -> torch.Tensor:
     """Ranking-objective logits (B, N) of users (B, H) against items (N, H): the same numbers as
     ``head(users, items)[..., 0]``, computed like :meth:`MultiObjectiveHead.fast_scores` for a batch.
@@ -93,13 +82,16 @@ def ranking_scores(head: MultiObjectiveHead, users: torch.Tensor, items: torch.T
 
 
 @torch.no_grad()
-def fast_score_users(model: RecModel, history: torch.Tensor, table: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Ranking-objective scores (U, N) over the whole catalog: :func:`score_users`, fast."""
+def score_users(
+    model: RecModel, history: torch.Tensor, table: torch.Tensor, batch_size: int = 64, fast: bool = True
+) -> torch.Tensor:
+    """Ranking-objective scores (U, N) over the whole catalog: by :func:`ranking_scores`, or with
+    ``fast=False`` through the head's training path (slow; the reference the fast path is tested against)."""
     model.eval()
     rows = []
     for start in range(0, history.shape[0], batch_size):
         users = model.user_vectors(history[start : start + batch_size], table)
-        rows.append(ranking_scores(model.head, users, table))
+        rows.append(ranking_scores(model.head, users, table) if fast else model(users, table)[..., 0])
     return torch.cat(rows)
 
 
@@ -191,7 +183,7 @@ def evaluate(
             )
         else:
             history, target = eval_inputs(data, split, cfg.model.history)
-            metrics = full_ranking(fast_score_users(model, history, table), target, vectors)
+            metrics = full_ranking(score_users(model, history, table), target, vectors)
         out |= {f"{split}.{name}": value for name, value in metrics.items()}
     return out
 

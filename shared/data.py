@@ -220,6 +220,12 @@ def _field(obj: dict[str, Any], name: str, kind: str, where: str, required: bool
     return value
 
 
+def _count_skip(skipped: Counter[str], file: str, exc: DataError) -> None:
+    """Lenient mode: count a skipped row under its file and the kind of problem (the row's values left out)."""
+    reason = str(exc).split(": ", 1)[1]
+    skipped[f"{file}: {reason.split(' got ')[0].split(' {')[0]}"] += 1
+
+
 def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> Scenario:
     """Load and validate one scenario folder in the canonical format.
 
@@ -285,8 +291,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
         except DataError as exc:
             if not lenient:
                 raise
-            reason = str(exc).split(": ", 1)[1]
-            skipped[f"{INTERACTIONS_FILE}: {reason.split(' got ')[0].split(' {')[0]}"] += 1
+            _count_skip(skipped, INTERACTIONS_FILE, exc)
             continue
         rows.setdefault(user, []).append(
             (float(ts), item_index[item], [math.nan if v is None else float(v) for v in labs])
@@ -365,8 +370,7 @@ def _load_impressions(
         except DataError as exc:
             if not lenient:
                 raise
-            reason = str(exc).split(": ", 1)[1]
-            skipped[f"{IMPRESSIONS_FILE}: {reason.split(' got ')[0].split(' {')[0]}"] += 1
+            _count_skip(skipped, IMPRESSIONS_FILE, exc)
             continue
         seen.add(imp)
         ids.append(imp)

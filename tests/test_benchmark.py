@@ -203,7 +203,7 @@ def test_global_models_share_one_round_chosen_scale_free():
 def test_fast_full_ranking_scores_equal_the_training_path(tiny_cfg, demo_dir):
     import torch
 
-    from client.evaluation import eval_inputs, fast_score_users, score_users
+    from client.evaluation import eval_inputs, score_users
     from client.training import build_model, prepare
     from shared.data import load_scenario
 
@@ -215,7 +215,7 @@ def test_fast_full_ranking_scores_equal_the_training_path(tiny_cfg, demo_dir):
             p.add_(0.3 * torch.randn_like(p))
     history, _ = eval_inputs(data, "test", tiny_cfg.model.history)
     table = model.item_table()
-    slow, fast = score_users(model, history, table), fast_score_users(model, history, table)
+    slow, fast = score_users(model, history, table, fast=False), score_users(model, history, table)
     assert fast.shape == slow.shape == (len(data.split.eval_users), data.scenario.num_items)
     torch.testing.assert_close(fast, slow, rtol=0, atol=2e-5)
 
