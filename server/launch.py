@@ -77,6 +77,36 @@ def stop_tree(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         proc.wait(timeout=grace)
 
 
+@contextlib.contextmanager
+def stop_children_on_signal() -> Iterator[None]:
+    """While inside: on SIGTERM or SIGINT (Ctrl-C) first stop every process below this one (Flower SuperLink, simulation
+    runtime, Ray workers; collected by PID before anything is signalled), then raise in the main thread
+    (SystemExit 143 / KeyboardInterrupt) so its clean-up runs and nothing outlives a stopped job.
+
+    Needed because the job's own threads may be blocked waiting on those processes: stopping the
+    processes is what lets them return."""
+
+    def handler(signum: int, frame: object) -> None:
+        tree = psutil.Process().children(recursive=True)
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=10.0)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
+
+
 def die_with_parent() -> None:
     """In a child before exec (Linux): get SIGTERM when the parent dies, so a crashed parent leaves nothing running."""
     if sys.platform.startswith("linux"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -90,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
+    from server.launch import stop_children_on_signal
+
+    guard = stop_children_on_signal() if args.command in ("simulate", "benchmark") else contextlib.nullcontext()
+    with guard:
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out one parsed command; 1 with a one-line error for bad input."""
     try:
         if args.command == "simulate":
             from .simulate import simulate

@@ -76,3 +76,45 @@ def test_simulation_end_to_end_then_resume_from_round_1(tiny_cfg, tmp_path):
     for key in a:
         assert abs(a[key] - b[key]).max() <= 1e-5, key
     assert not flower_processes(str(resumed))
+
+
+def test_a_stopped_job_leaves_no_process_behind(tiny_cfg, tmp_path):
+    """SIGTERM to ``crossrec simulate`` while its Flower simulation runs: every process below it is gone."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    crossrec = Path(sys.executable).parent / "crossrec"
+    command = [str(crossrec), "simulate", "--runs-dir", str(tmp_path), "--run-config"]
+    job = subprocess.Popen([*command, overrides(tiny_cfg, **{"fed.rounds": 50})], stdout=subprocess.DEVNULL)
+    seen: dict[int, psutil.Process] = {}
+    names: dict[int, str] = {}
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:  # wait until the simulation runtime has started under the SuperLink
+            for p in psutil.Process(job.pid).children(recursive=True):
+                seen.setdefault(p.pid, p)
+                with contextlib.suppress(psutil.Error):
+                    names[p.pid] = " ".join(p.cmdline())
+            if all(any(what in n for n in names.values()) for what in ("flower-superlink", "flwr-simulation")):
+                break
+            assert job.poll() is None, "the job ended before its simulation started"
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the simulation did not start within 120 s: {names}")
+        time.sleep(2)
+        seen.update({p.pid: p for p in psutil.Process(job.pid).children(recursive=True)})
+        os.kill(job.pid, signal.SIGTERM)
+        assert job.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=10)
+        assert not alive, f"outlived the stopped job: {[names.get(p.pid) for p in alive]}"
+    finally:
+        if job.poll() is None:
+            job.kill()
+        for p in seen.values():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
