@@ -103,25 +103,38 @@ def loss_fn(
     negatives: torch.Tensor,
     table: torch.Tensor,
     aux_weight: float,
+    in_batch: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over users of each user's own loss: sampled softmax of its target against its own negatives,
-    plus ``aux_weight`` x the BCE of every labelled non-ranking objective on the target.
+    """Mean over users of each user's loss: sampled softmax of its target against negatives, plus
+    ``aux_weight`` x the BCE of every labelled non-ranking objective on the target.
 
-    Each user's loss depends on that user's example only (and on public random negatives), so a
-    per-example gradient is a per-user gradient: what DP-SGD clips. Target and negatives go through
-    the LoRA layers as one packed row per user (negatives from a round-start table would let the
-    adapters pull every fresh target toward its user: measured, it collapses the item space);
-    history vectors come from the item table refreshed at round start.
+    Targets and negatives go fresh through the LoRA layers, one packed row per user (negatives from a
+    round-start table would let the adapters pull every fresh target toward its user: measured, it
+    collapses the item space); history vectors come from the item table refreshed at round start.
+
+    ``in_batch=False``: a user's candidates are its target and its own random negatives, so its loss
+    depends on its example alone and a per-example gradient is a per-user gradient (what DP-SGD clips).
+    ``in_batch=True``: every user also ranks its target against all other users' targets and negatives
+    of the batch (in-batch negatives: B x (1+N) candidates at no extra encoding cost; not per-user).
+    Candidates equal to the user's target are left out of its softmax either way.
     """
     users = model.user_vectors(history, table)  # (B, H)
-    items = model.encode_items(torch.cat([target[:, None], negatives], dim=1))  # (B, 1+N, H), fresh through LoRA
-    logits = model(users, items)  # (B, 1+N, K)
-    collide = torch.cat([torch.zeros_like(target, dtype=torch.bool)[:, None], negatives == target[:, None]], 1)
-    rank = -logits[..., 0].masked_fill(collide, -torch.inf).log_softmax(-1)[:, 0]  # (B,)
+    ids = torch.cat([target[:, None], negatives], dim=1)  # (B, 1+N)
+    items = model.encode_items(ids)  # (B, 1+N, H), fresh through LoRA
+    rows = torch.arange(len(target))
+    if in_batch:
+        logits = model(users, items.reshape(-1, items.shape[-1]))  # (B, B(1+N), K): every fresh item of the batch
+        ids, own = ids.reshape(1, -1), rows * ids.shape[1]
+    else:
+        logits = model(users, items)  # (B, 1+N, K)
+        own = torch.zeros_like(rows)
+    collide = ids == target[:, None]  # (B, C)
+    collide[rows, own] = False
+    rank = -logits[..., 0].masked_fill(collide, -torch.inf).log_softmax(-1)[rows, own]  # (B,)
     per_user, parts = rank, {"loss_rank": float(rank.detach().mean())}
     for k in range(1, logits.shape[-1]):
         mask = ~torch.isnan(labels[:, k])
-        bce = F.binary_cross_entropy_with_logits(logits[:, 0, k], labels[:, k].nan_to_num(0.0), reduction="none")
+        bce = F.binary_cross_entropy_with_logits(logits[rows, own, k], labels[:, k].nan_to_num(0.0), reduction="none")
         per_user = per_user + aux_weight * bce * mask
         parts[f"loss_aux{k}"] = float((bce * mask).detach().sum() / mask.sum().clamp(min=1))
     return per_user.mean(), parts
@@ -130,8 +143,8 @@ def loss_fn(
 def train_round(
     model: RecModel, data: LocalData, cfg: Config, server_round: int, privacy: DPSGD | None = None
 ) -> dict[str, float]:
-    """``train.local-steps`` optimiser steps (DP-SGD steps when ``privacy`` is given); history and
-    negative vectors come from an item table refreshed at round start."""
+    """``train.local-steps`` optimiser steps: plain ones with in-batch negatives, or (when ``privacy`` is
+    given) DP-SGD steps on per-user losses; history vectors come from an item table refreshed at round start."""
     rng = round_rng(cfg, data.scenario.name, server_round)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -144,7 +157,7 @@ def train_round(
             step_optimizer.zero_grad(set_to_none=True)
             if len(users):
                 batch = make_batch(data, cfg, users, model.num_items, rng)
-                loss, parts = loss_fn(model, *batch, table, cfg.train.aux_weight)
+                loss, parts = loss_fn(model, *batch, table, cfg.train.aux_weight, in_batch=privacy is None)
                 loss.backward()
                 parts = {"loss": float(loss.detach()), **parts}
             else:  # an empty Poisson batch is still a noisy step
