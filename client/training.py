@@ -143,8 +143,9 @@ def loss_fn(
 def train_round(
     model: RecModel, data: LocalData, cfg: Config, server_round: int, privacy: DPSGD | None = None
 ) -> dict[str, float]:
-    """``train.local-steps`` optimiser steps: plain ones with in-batch negatives, or (when ``privacy`` is
-    given) DP-SGD steps on per-user losses; history vectors come from an item table refreshed at round start."""
+    """``train.local-steps`` optimiser steps: plain ones (in-batch negatives unless
+    ``train.in-batch-negatives`` is false), or (when ``privacy`` is given) DP-SGD steps on per-user
+    losses; history vectors come from an item table refreshed at round start."""
     rng = round_rng(cfg, data.scenario.name, server_round)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -157,7 +158,13 @@ def train_round(
             step_optimizer.zero_grad(set_to_none=True)
             if len(users):
                 batch = make_batch(data, cfg, users, model.num_items, rng)
-                loss, parts = loss_fn(model, *batch, table, cfg.train.aux_weight, in_batch=privacy is None)
+                loss, parts = loss_fn(
+                    model,
+                    *batch,
+                    table,
+                    cfg.train.aux_weight,
+                    in_batch=cfg.train.in_batch_negatives and privacy is None,
+                )
                 loss.backward()
                 parts = {"loss": float(loss.detach()), **parts}
             else:  # an empty Poisson batch is still a noisy step

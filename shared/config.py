@@ -81,6 +81,7 @@ class TrainConfig:
     local_steps: int = 25  # optimiser steps per round
     batch_size: int = 32  # users sampled per step, one example each
     negatives: int = 3  # each user's own random catalog items, encoded through LoRA with its target
+    in_batch_negatives: bool = True  # rank each target against every fresh item of the batch (not under DP)
     lr: float = 0.003
     weight_decay: float = 0.0
     aux_weight: float = 0.5  # weight of every non-ranking objective's loss

@@ -215,6 +215,10 @@ def benchmark(
         "fed.min-clients": len(sources),
     }
     cfg = Config.from_run_config({**Config().to_flat(), **overrides})  # validate before anything is written
+    if concurrent and "federated" in references and not cfg.train.threads:
+        # beside the simulation's one-thread clients: torch's default (all cores) oversubscribes the CPU and
+        # stalls its threads (zero_shot measured 1,392 s wall this way on 2 cores)
+        cfg = Config.from_run_config({**cfg.to_flat(), "train.threads": 1})
     run_dir.mkdir(parents=True, exist_ok=False)
     wanted = [r for r in REFERENCES if r in references]
     if "federated" in wanted:
