@@ -27,6 +27,7 @@ import psutil
 
 from shared.config import Config
 from shared.data import write_scenario
+from shared.files import atomic_write_text
 from shared.loaders import PUBLIC_FORMATS, load_public
 
 from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
@@ -238,6 +239,7 @@ def benchmark(
     vectors = None
     results: dict[str, list[Row]] = {}
     failures: list[BaseException] = []
+    saving = threading.Lock()
 
     def run(reference: str) -> None:
         """One reference, timed; its rows go into ``results``."""
@@ -263,6 +265,8 @@ def benchmark(
             for row in new:
                 progress.row(row)
         results[reference] = new
+        with saving, (run_dir / "metrics.jsonl").open("a") as fh:  # kept if the run is stopped later
+            fh.writelines(json.dumps(r) + "\n" for r in new)
         progress.show(
             f"    {reference} done in {timings[reference]:.0f}s (CPU of everything running {cpu[reference]:.0f}s)"
         )
@@ -315,8 +319,7 @@ def finish(
     notes: list[str],
 ) -> Path:
     """Select rounds on validation, write metrics.jsonl and the outputs, point ``benchmark-latest`` here."""
-    with (run_dir / "metrics.jsonl").open("w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     selected = {}
     for reference in references:
         own = [r for r in rows if r["reference"] == reference]
@@ -338,25 +341,25 @@ def finish(
 def merge(parts: Sequence[str | os.PathLike[str]], runs_dir: str | os.PathLike[str] = "runs") -> Path:
     """One benchmark from finished runs of the same run config and data, each holding other references
     (e.g. references run as separate processes on a shared machine); wall and CPU seconds are each
-    part's own, ``total`` is the longest part. A part may also be the Flower run folder of a benchmark's
-    federated reference (``RUN/federated``: its rows, no timings)."""
+    part's own, ``total`` is the longest part. A part may also be a benchmark stopped before its end (the
+    rows of the references it finished, saved as each finished) or the Flower run folder of a benchmark's
+    federated reference (``RUN/federated``): rows only, no timings."""
     rows: list[Row] = []
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
     config = None
     for part in map(Path, parts):
         own = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-        if not (part / "summary.json").is_file():  # a Flower run folder of a benchmark (federated): rows only
-            rows += [r for r in own if str(r["reference"]).startswith("federated")]
+        clash = {r["reference"] for r in own} & {r["reference"] for r in rows}
+        if clash:
+            raise ValueError(f"{part}: references {sorted(clash)} are already in an earlier part")
+        rows += own
+        if not (part / "summary.json").is_file():  # a stopped benchmark or a Flower run folder: rows only
             continue
         result = json.loads((part / "summary.json").read_text())
         if config is not None and result["notes"][0] != config:
             raise ValueError(f"{part}: ran with another config ({result['notes'][0]!r} vs {config!r})")
         config = result["notes"][0]
-        clash = {r["reference"] for r in own} & {r["reference"] for r in rows}
-        if clash:
-            raise ValueError(f"{part}: references {sorted(clash)} are already in an earlier part")
-        rows += own
         for key, value in result["wall_seconds"].items():
             timings[key] = max(timings.get(key, 0.0), value) if key == "total" else value
         for key, value in result.get("cpu_seconds", {}).items():
