@@ -65,16 +65,21 @@ def stop_tree(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
+    stop_processes(tree, grace)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+
+
+def stop_processes(tree: list[psutil.Process], grace: float = 10.0) -> None:
+    """SIGTERM to each process, SIGKILL to those still alive after ``grace`` seconds; waits for them."""
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGTERM)
+            p.terminate()
     _, alive = psutil.wait_procs(tree, timeout=grace)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=grace)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
 
 
 @contextlib.contextmanager
@@ -87,14 +92,7 @@ def stop_children_on_signal() -> Iterator[None]:
     processes is what lets them return."""
 
     def handler(signum: int, frame: object) -> None:
-        tree = psutil.Process().children(recursive=True)
-        for p in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(tree, timeout=10.0)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        stop_processes(psutil.Process().children(recursive=True))
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)

@@ -366,7 +366,7 @@ def merge(parts: Sequence[str | os.PathLike[str]], runs_dir: str | os.PathLike[s
             cpu[key] = cpu.get(key, 0.0) + value if key == "total" else value
     if config is None:
         raise ValueError("nothing to merge")
-    references = [r for r in dict.fromkeys(str(x["reference"]) for x in rows)]
+    references = list(dict.fromkeys(str(x["reference"]) for x in rows))
     run_dir = (Path(runs_dir) / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}-merged").resolve()
     run_dir.mkdir(parents=True)
     notes = [config, "merged from " + ", ".join(str(Path(p).resolve()) for p in parts)]
