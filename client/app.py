@@ -23,8 +23,9 @@ from shared.records import (
     trainable_state,
 )
 
-from .evaluation import evaluate
+from .evaluation import PerUser, eval_file, evaluate, save_per_user
 from .privacy import DPSGD, ledger_path, open_ledger
+from .state import PRIVATE_FILE, load_private, resumed_file, save_private, state_folder
 from .training import LocalData, build_model, prepare, train_round
 
 app = ClientApp()
@@ -71,24 +72,50 @@ def _reply(
     return Message(content=content, reply_to=msg)
 
 
+def private_path(cfg: Config, context: Context, data: LocalData) -> Path | None:
+    """Where this client keeps its private item memory; None when the model has none."""
+    if not cfg.model.item_memory:
+        return None
+    folder = state_folder(cfg, context.node_config, data.scenario.name)
+    if folder is None:
+        raise ValueError(
+            "model.item-memory needs a place for the client's private state: node config 'state-dir' "
+            "(client daemon) or config key 'run.dir'"
+        )
+    return folder / PRIVATE_FILE
+
+
+def client_model(cfg: Config, context: Context, data: LocalData, msg: Message) -> RecModel:
+    """The model with the global shared weights of ``msg`` and this client's private memory (if kept)."""
+    model = build_model(cfg, data)
+    load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
+    path = private_path(cfg, context, data)
+    if path is not None and resumed_file(cfg, path, data.scenario.name).exists():
+        load_private(model, resumed_file(cfg, path, data.scenario.name), data.scenario.item_ids)
+    return model
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global weights, train locally (DP-SGD when privacy.epsilon > 0), reply with the trainable
-    weights only; a client whose privacy budget would be exceeded refuses and says why."""
+    """Load the global weights and this client's private memory, train locally (DP-SGD when
+    privacy.epsilon > 0), keep the private memory on disk and reply with the shared weights only; a
+    client whose privacy budget would be exceeded refuses and says why."""
     cfg, data = setup(context)
     server_round = cast(int, msg.content.config_records[CONFIG]["server-round"])
+    path = private_path(cfg, context, data)
     if not cfg.privacy.enabled:
-        model = build_model(cfg, data)
-        load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
-        return _reply(msg, data, train_round(model, data, cfg, server_round), with_weights=model)
+        model = client_model(cfg, context, data, msg)
+        stats = train_round(model, data, cfg, server_round)
+        if path is not None:
+            save_private(model, path, data.scenario.name, data.scenario.item_ids)
+        return _reply(msg, data, stats, with_weights=model)
     path = ledger_path(cfg, context.node_config, data.scenario.name)
     ledger = open_ledger(cfg, path, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
     spent = {"privacy.epsilon": ledger.epsilon(), "privacy.delta": ledger.delta}
     refusal = ledger.refusal(cfg.train.local_steps)
     if refusal is not None:
         return _reply(msg, data, spent, refused=refusal)
-    model = build_model(cfg, data)
-    load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
+    model = client_model(cfg, context, data, msg)
     stats = train_round(model, data, cfg, server_round, DPSGD(ledger, len(data.trainable_users)))
     ledger.record(cfg.train.local_steps, server_round)
     ledger.save(path)  # before the weights leave: a crash after this over-counts, never under-counts
@@ -98,8 +125,15 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Full-ranking metrics of the global weights on this scenario's validation and test splits."""
+    """Full-ranking metrics of the global weights (with this client's private memory) on this scenario's
+    validation and test splits. Each test user's values stay on the client: in its state folder
+    (``eval/round-NNNN.npz``), where a benchmark run on one machine reads them for paired intervals."""
     cfg, data = setup(context)
-    model = build_model(cfg, data)
-    load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
-    return _reply(msg, data, evaluate(model, data, cfg))
+    model = client_model(cfg, context, data, msg)
+    per_user: PerUser = {}
+    metrics = evaluate(model, data, cfg, per_user=per_user)
+    folder = state_folder(cfg, context.node_config, data.scenario.name)
+    if folder is not None:
+        server_round = cast(int, msg.content.config_records[CONFIG]["server-round"])
+        save_per_user(eval_file(folder, server_round), per_user)
+    return _reply(msg, data, metrics)

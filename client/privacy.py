@@ -28,6 +28,8 @@ from opacus.optimizers import DPOptimizer
 from shared.config import Config
 from shared.files import atomic_write_text
 
+from .state import resumed_file, state_folder
+
 LEDGER = "privacy-ledger.json"
 
 
@@ -112,10 +114,9 @@ def plan(cfg: Config, scenario: str, num_users: int, trainable_users: int) -> Le
 
 def ledger_path(cfg: Config, node_config: Mapping[str, object], scenario: str) -> Path:
     """Client daemon: ``<state-dir>/privacy-ledger.json`` (node config); simulation: under ``run.dir``."""
-    if "state-dir" in node_config:
-        return Path(str(node_config["state-dir"])) / LEDGER
-    if cfg.run.dir:
-        return Path(cfg.run.dir) / "clients" / scenario / LEDGER
+    folder = state_folder(cfg, node_config, scenario)
+    if folder is not None:
+        return folder / LEDGER
     raise ValueError(
         "privacy.epsilon > 0 needs a place for the privacy ledger: node config 'state-dir' (client daemon) "
         "or config key 'run.dir'"
@@ -129,9 +130,7 @@ def open_ledger(cfg: Config, path: Path, scenario: str, num_users: int, trainabl
     resumes (``run.resume`` = ``<old run>/checkpoints/round-N``), so nothing spent is forgotten.
     """
     fresh = plan(cfg, scenario, num_users, trainable_users)
-    source = path
-    if not path.exists() and cfg.run.resume:
-        source = Path(cfg.run.resume).resolve().parents[1] / "clients" / scenario / LEDGER
+    source = resumed_file(cfg, path, scenario)
     if not source.exists():
         return fresh
     ledger = Ledger.load(source)

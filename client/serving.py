@@ -25,6 +25,7 @@ from shared.model import RecModel, full_encoder_items
 from shared.records import load_trainable
 
 from .ranking import mmr, utility
+from .state import PRIVATE_FILE, load_private, private_scenario
 
 
 class RequestError(ValueError):
@@ -52,7 +53,8 @@ class Catalog:
     scenario: Scenario
     index: dict[str, int]  # item id -> row
     histories: dict[str, np.ndarray]  # user id -> item rows, oldest first
-    table: torch.Tensor  # (N, H) item vectors
+    table: torch.Tensor  # (N, H) item vectors (text + the scenario's private residual, when it has one)
+    bias: torch.Tensor  # (N,) the scenario's private output biases (zeros without its memory)
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # head's per-item features
     values: torch.Tensor | None  # (N,) item values
 
@@ -69,17 +71,29 @@ def catalog_hash(texts: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_name(checkpoint_id: str, texts: Sequence[str]) -> str:
-    """File name of the item-vector cache of one (checkpoint, catalog)."""
-    return f"{checkpoint_id}-{catalog_hash(texts)}.safetensors"
+def cache_name(checkpoint_id: str, texts: Sequence[str], private: Path | None = None) -> str:
+    """File name of the item-vector cache of one (checkpoint, catalog, private memory)."""
+    memory = f"-{file_hash(private)}" if private is not None else ""
+    return f"{checkpoint_id}-{catalog_hash(texts)}{memory}.safetensors"
 
 
-def save_table(path: Path, table: torch.Tensor) -> None:
-    """Write an item-vector table atomically (temp file renamed into place)."""
+def save_table(path: Path, table: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write an item-vector table and its biases atomically (temp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"table": table.contiguous()}, str(tmp))
+    save_file({"table": table.contiguous(), "bias": bias.contiguous()}, str(tmp))
     tmp.replace(path)
+
+
+def private_file(checkpoint: Path, scenario: str, state_dirs: Sequence[Path]) -> Path | None:
+    """The scenario's private memory: ``private.safetensors`` in a given state folder written for this
+    scenario, else in the checkpoint's run folder (``RUN/clients/SCENARIO/``); None: serve from text alone."""
+    candidates = [Path(d) / PRIVATE_FILE for d in state_dirs]
+    candidates.append(checkpoint.resolve().parents[1] / "clients" / scenario / PRIVATE_FILE)
+    for path in candidates:
+        if path.is_file() and private_scenario(path) == scenario:
+            return path
+    return None
 
 
 class Recommender:
@@ -91,6 +105,7 @@ class Recommender:
         scenarios: Sequence[str | Path],
         cache_dir: str | Path | None = None,
         serve: ServeConfig | None = None,
+        state_dirs: Sequence[str | Path] = (),
     ) -> None:
         cfg, folder, weights = read_checkpoint(checkpoint)
         self.cfg: Config = dataclasses.replace(cfg, serve=serve) if serve is not None else cfg
@@ -101,6 +116,7 @@ class Recommender:
         self.model.eval()
         self.objectives = self.cfg.model.objective_names
         self.dim = int(self.model.bert.config.hidden_size)
+        self.state_dirs = [Path(d) for d in state_dirs]
         self.catalogs: dict[str, Catalog] = {}
         for path in scenarios:
             scenario = load_scenario(path, lenient=self.cfg.data.lenient)
@@ -109,26 +125,31 @@ class Recommender:
             self.catalogs[scenario.name] = self._catalog(scenario, cache_dir)
 
     def _catalog(self, scenario: Scenario, cache_dir: str | Path | None) -> Catalog:
-        cached = Path(cache_dir) / cache_name(self.checkpoint_id, scenario.texts) if cache_dir else None
-        table = None
+        private = private_file(self.checkpoint, scenario.name, self.state_dirs) if self.cfg.model.item_memory else None
+        cached = Path(cache_dir) / cache_name(self.checkpoint_id, scenario.texts, private) if cache_dir else None
+        table = bias = None
         if cached is not None and cached.is_file():
             try:
-                table = load_file(str(cached))["table"].clone()  # in memory: the file may be replaced
+                stored = load_file(str(cached))
+                table, bias = stored["table"].clone(), stored["bias"].clone()  # in memory: the file may be replaced
             except (SafetensorError, KeyError, OSError):  # unreadable: recompute and overwrite
-                table = None
-            if table is not None and table.shape != (scenario.num_items, self.dim):
-                table = None
-        if table is None:
+                table = bias = None
+            if table is not None and (table.shape != (scenario.num_items, self.dim) or bias is None):
+                table = bias = None
+        if table is None or bias is None:
             self.model.attach_catalog(scenario.texts)
-            table = self.model.item_table()
+            if private is not None:
+                load_private(self.model, private, scenario.item_ids)
+            table, bias = self.model.item_table()
             if cached is not None:
-                save_table(cached, table)
+                save_table(cached, table, bias)
         values = None if scenario.values is None else torch.from_numpy(scenario.values)
         return Catalog(
             scenario=scenario,
             index={item: i for i, item in enumerate(scenario.item_ids)},
             histories=dict(zip(scenario.users, scenario.sequences, strict=True)),
             table=table,
+            bias=bias,
             features=self.model.head.item_features(table),
             values=values,
         )
@@ -157,8 +178,8 @@ class Recommender:
             texts = [t for t in request.history_texts if isinstance(t, str) and t.strip()]
             if not texts or len(texts) != len(request.history_texts):
                 raise RequestError("history_texts must be a non-empty list of non-empty strings")
-            vectors = full_encoder_items(self.model, list(texts[::-1][:length]))  # (T, H), most recent first
-            return self.model.user(vectors[None], torch.ones(1, len(vectors), dtype=torch.bool)), np.zeros(0, np.int64)
+            vectors = full_encoder_items(self.model, list(texts[-length:]))  # (T, H), oldest first
+            return self.model.user_from_vectors(vectors), np.zeros(0, np.int64)
         if request.user_id is not None:
             if request.user_id not in catalog.histories:
                 raise RequestError(f"user_id '{request.user_id}' has no history in scenario '{request.scenario}'")
@@ -171,8 +192,7 @@ class Recommender:
             if unknown:
                 raise RequestError(f"history: unknown item ids {unknown[:5]} in scenario '{request.scenario}'")
             rows = np.asarray([catalog.index[i] for i in request.history], dtype=np.int64)
-        recent = torch.from_numpy(rows[::-1][:length].copy())[None]  # (1, T) most recent first
-        return self.model.user_vectors(recent, catalog.table), rows
+        return self.model.user_from_vectors(catalog.table[torch.from_numpy(rows[-length:])]), rows
 
     @torch.no_grad()
     def recommend(self, request: Request) -> list[dict[str, object]]:
@@ -187,7 +207,9 @@ class Recommender:
             raise RequestError(f"diversity must be in [0, 1], got {diversity}")
         weights = self._weights(request)
         user, seen = self._user(request, catalog)
-        probs = torch.sigmoid(self.model.head.fast_scores(user, catalog.table, catalog.features)[0])  # (N, K)
+        logits = self.model.head.fast_scores(user, catalog.table, catalog.features)[0]  # (N, K)
+        logits[:, 0] += catalog.bias
+        probs = torch.sigmoid(logits)
         scores = utility(probs, weights, catalog.values, self.cfg.serve.value_weight)
         if request.exclude_seen and len(seen):
             scores[torch.from_numpy(seen)] = -torch.inf

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from shared.config import Config
 from shared.data import Scenario, Split, leave_one_out
-from shared.model import RecModel
+from shared.model import PRIVATE_PREFIX, RecModel, mean_pairwise_cosine
 
 from .privacy import DPSGD
 
@@ -24,7 +26,7 @@ class LocalData:
     scenario: Scenario
     split: Split
     trainable_users: np.ndarray  # users with >= 2 training items (a history and a target)
-    num_examples: int  # (history, target) pairs in the training split
+    num_examples: int  # training positions: (history, next item) pairs in the training split
 
 
 def prepare(scenario: Scenario, cfg: Config) -> LocalData:
@@ -47,11 +49,13 @@ def prepare(scenario: Scenario, cfg: Config) -> LocalData:
 
 
 def history_tensor(sequences: list[np.ndarray], length: int) -> torch.Tensor:
-    """(B, length) item indices, most recent first, -1 padding."""
+    """(B, length) item indices of each sequence's last ``length`` items, oldest first, left-padded with -1
+    (the most recent item is always in the last column)."""
     out = torch.full((len(sequences), length), -1, dtype=torch.long)
     for row, seq in enumerate(sequences):
-        recent = seq[::-1][:length]
-        out[row, : len(recent)] = torch.from_numpy(recent.copy())
+        recent = np.asarray(seq[-length:], dtype=np.int64)
+        if len(recent):
+            out[row, length - len(recent) :] = torch.from_numpy(recent)
     return out
 
 
@@ -69,102 +73,123 @@ def sample_users(data: LocalData, cfg: Config, rng: np.random.Generator, poisson
     return rng.choice(data.trainable_users, size=cfg.train.batch_size)
 
 
+@dataclass
+class Batch:
+    """One training sequence per user (oldest first, left-padded with -1): the model reads ``seq[:, :-1]``
+    and predicts ``seq[:, 1:]`` at every position."""
+
+    seq: torch.Tensor  # (B, T+1) item indices
+    labels: torch.Tensor  # (B, T+1, K) objective labels, nan = none (objective 0: 1 for every real item)
+    fresh: torch.Tensor  # (B, C) distinct items per user encoded fresh through LoRA: its targets first
+
+
 def make_batch(
-    data: LocalData, cfg: Config, users: np.ndarray, num_items: int, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training example per user: history (B, T), target (B,), labels (B, K) with nan = none,
-    and the user's own ``train.negatives`` random catalog items (B, N)."""
-    names = cfg.model.objective_names
-    histories, targets = [], []
-    labels = np.full((len(users), len(names)), np.nan, dtype=np.float32)
-    labels[:, 0] = 1.0
+    data: LocalData, cfg: Config, users: np.ndarray, num_items: int, rng: np.random.Generator, recent: bool = False
+) -> Batch:
+    """Each user's window of ``model.history`` + 1 consecutive training items, ending at a random point
+    (every position of a long sequence is a target in some window; a short sequence is taken whole) or,
+    with ``recent``, at its end; its labels, and ``train.fresh-items`` distinct items per user: its
+    window's targets, topped up with random catalog items."""
+    names, length = cfg.model.objective_names, cfg.model.history + 1
+    fresh_count = min(cfg.train.fresh_items, num_items)
+    windows, fresh = [], np.zeros((len(users), fresh_count), dtype=np.int64)
+    labels = np.full((len(users), length, len(names)), np.nan, dtype=np.float32)
     for row, u in enumerate(users):
         seq = data.split.train[u]
-        t = int(rng.integers(1, len(seq)))
-        histories.append(seq[:t])
-        targets.append(seq[t])
+        end = len(seq) if recent else int(rng.integers(min(length, len(seq)), len(seq) + 1))
+        start = max(0, end - length)
+        windows.append(seq[start:end])
+        labels[row, length - (end - start) :, 0] = 1.0
         for k, name in enumerate(names[1:], start=1):
             if name in data.split.train_labels:
-                labels[row, k] = data.split.train_labels[name][u][t]
-    negatives = rng.integers(num_items, size=(len(users), cfg.train.negatives))
-    return (
-        history_tensor(histories, cfg.model.history),
-        torch.as_tensor(np.asarray(targets, dtype=np.int64)),
-        torch.from_numpy(labels),
-        torch.as_tensor(negatives, dtype=torch.long),
-    )
+                labels[row, length - (end - start) :, k] = data.split.train_labels[name][u][start:end]
+        targets = np.unique(seq[start + 1 : end])
+        chosen = rng.choice(targets, size=min(fresh_count, len(targets)), replace=False)
+        while len(chosen) < fresh_count:  # top up with random catalog items the user does not have yet
+            extra = rng.integers(num_items, size=fresh_count)
+            chosen = np.concatenate([chosen, extra[~np.isin(extra, chosen)]])[:fresh_count]
+            chosen = np.asarray(list(dict.fromkeys(chosen.tolist())), dtype=np.int64)
+        fresh[row] = chosen
+    return Batch(history_tensor(windows, length), torch.from_numpy(labels), torch.from_numpy(fresh))
 
 
 def loss_fn(
-    model: RecModel,
-    history: torch.Tensor,
-    target: torch.Tensor,
-    labels: torch.Tensor,
-    negatives: torch.Tensor,
-    table: torch.Tensor,
-    aux_weight: float,
-    in_batch: bool = False,
+    model: RecModel, batch: Batch, text: torch.Tensor, aux_weight: float, shared: bool
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over users of each user's loss: sampled softmax of its target against negatives, plus
-    ``aux_weight`` x the BCE of every labelled non-ranking objective on the target.
+    """Mean over users of each user's loss, a mean over the positions of its sequence of:
 
-    Targets and negatives go fresh through the LoRA layers, one packed row per user (negatives from a
-    round-start table would let the adapters pull every fresh target toward its user: measured, it
-    collapses the item space); history vectors come from the item table refreshed at round start.
+    - the full-catalog softmax cross-entropy of the next item over the item table (``text`` (N, H), the
+      text vectors from the last refresh, no gradient, plus the private memory with its gradient);
+    - the softmax cross-entropy of the next item among the fresh items (``batch.fresh``, encoded anew
+      through LoRA), at the positions whose next item is one of them: the adapters' gradient. Every
+      candidate of this softmax is fresh: a stale table among the candidates would let the adapters raise
+      every fresh target by moving all fresh items toward the users (measured: the item space collapses);
+    - ``aux_weight`` x the BCE of every labelled non-ranking objective on the next item.
 
-    ``in_batch=False``: a user's candidates are its target and its own random negatives, so its loss
-    depends on its example alone and a per-example gradient is a per-user gradient (what DP-SGD clips).
-    ``in_batch=True``: every user also ranks its target against all other users' targets and negatives
-    of the batch (in-batch negatives: B x (1+N) candidates at no extra encoding cost; not per-user).
-    Candidates equal to the user's target are left out of its softmax either way.
+    ``shared=True``: the fresh items of the whole batch are every user's candidates. ``shared=False`` (DP):
+    each user's are its own, so a user's loss depends on its own data alone and a per-example gradient is
+    a per-user gradient.
     """
-    users = model.user_vectors(history, table)  # (B, H)
-    ids = torch.cat([target[:, None], negatives], dim=1)  # (B, 1+N)
-    items = model.encode_items(ids)  # (B, 1+N, H), fresh through LoRA
-    rows = torch.arange(len(target))
-    if in_batch:
-        logits = model(users, items.reshape(-1, items.shape[-1]))  # (B, B(1+N), K): every fresh item of the batch
-        ids, own = ids.reshape(1, -1), rows * ids.shape[1]
-    else:
-        logits = model(users, items)  # (B, 1+N, K)
-        own = torch.zeros_like(rows)
-    collide = ids == target[:, None]  # (B, C)
-    collide[rows, own] = False
-    rank = -logits[..., 0].masked_fill(collide, -torch.inf).log_softmax(-1)[rows, own]  # (B,)
-    per_user, parts = rank, {"loss_rank": float(rank.detach().mean())}
-    for k in range(1, logits.shape[-1]):
-        mask = ~torch.isnan(labels[:, k])
-        bce = F.binary_cross_entropy_with_logits(logits[rows, own, k], labels[:, k].nan_to_num(0.0), reduction="none")
-        per_user = per_user + aux_weight * bce * mask
-        parts[f"loss_aux{k}"] = float((bce * mask).detach().sum() / mask.sum().clamp(min=1))
+    inputs, targets = batch.seq[:, :-1], batch.seq[:, 1:]  # (B, T) each
+    mask = inputs >= 0
+    valid = mask & (targets >= 0)
+    index = torch.arange(text.shape[0])
+    table, bias = model.item_vectors(text, index), model.item_bias(index)  # (N, H), (N,)
+    users = model.user(table[inputs.clamp(min=0)], mask)  # (B, T, H): one user vector per position
+    full = F.cross_entropy(model.scores(users, table, bias).transpose(1, 2), targets.clamp(min=0), reduction="none")
+    per_user = (full * valid).sum(1) / valid.sum(1).clamp(min=1)
+    parts = {"loss_rank": float(per_user.detach().mean())}
+    if batch.fresh.shape[1]:
+        ids = batch.fresh.unique()[None] if shared else batch.fresh  # (G, C), G = 1 or B
+        fresh = model.item_vectors(model.encode_items(ids[0])[None] if shared else model.encode_items(ids), ids)
+        logits = model.head.similarity((users @ fresh.transpose(1, 2))[..., None])[..., 0] + bias[ids][:, None]
+        hit = targets[..., None] == ids[:, None, :]  # (B, T, C)
+        scored = valid & hit.any(-1)
+        own = (logits.logsumexp(-1) - (logits * hit).sum(-1)) * scored  # (B, T)
+        per_user = per_user + own.sum(1) / scored.sum(1).clamp(min=1)
+        parts["loss_fresh"] = float((own.sum() / scored.sum().clamp(min=1)).detach())
+    aux_labels = batch.labels[:, 1:, 1:]  # (B, T, K-1)
+    if aux_labels.shape[-1]:
+        aux = model.head.pairs(users, table[targets.clamp(min=0)])  # (B, T, K-1)
+        for k in range(aux_labels.shape[-1]):
+            labelled = valid & ~torch.isnan(aux_labels[..., k])
+            bce = F.binary_cross_entropy_with_logits(aux[..., k], aux_labels[..., k].nan_to_num(0.0), reduction="none")
+            per_user = per_user + aux_weight * (bce * labelled).sum(1) / labelled.sum(1).clamp(min=1)
+            parts[f"loss_aux{k + 1}"] = float((bce * labelled).detach().sum() / labelled.sum().clamp(min=1))
+    parts["positions"] = float(valid.sum())
     return per_user.mean(), parts
 
 
 def train_round(
     model: RecModel, data: LocalData, cfg: Config, server_round: int, privacy: DPSGD | None = None
 ) -> dict[str, float]:
-    """``train.local-steps`` optimiser steps: plain ones (in-batch negatives unless
-    ``train.in-batch-negatives`` is false), or (when ``privacy`` is given) DP-SGD steps on per-user
-    losses; history vectors come from an item table refreshed at round start."""
+    """``train.local-steps`` optimiser steps on sequences (loss at every position): plain ones, or (when
+    ``privacy`` is given) DP-SGD steps on per-user losses, with the item memory frozen (it is trained
+    without DP only). The text table is refreshed at round start and every ``train.table-refresh`` steps.
+    Returns the mean losses, the positions trained on and the item space's mean pairwise cosine."""
     rng = round_rng(cfg, data.scenario.name, server_round)
+    if privacy is not None and model.memory is not None:
+        model.memory.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    table = model.item_table()
+    memory = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(PRIVATE_PREFIX)]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in params if all(p is not m for m in memory)]},
+        {"params": memory, "lr": cfg.train.memory_lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    text = model.text_table()
     model.train()
     totals: dict[str, float] = {}
+    started = time.perf_counter()
     with privacy.attached(model, optimizer) if privacy else contextlib.nullcontext(optimizer) as step_optimizer:
-        for _ in range(cfg.train.local_steps):
+        for step in range(cfg.train.local_steps):
+            if cfg.train.table_refresh and step and step % cfg.train.table_refresh == 0:
+                text = model.text_table()
             users = sample_users(data, cfg, rng, poisson=privacy is not None)
             step_optimizer.zero_grad(set_to_none=True)
             if len(users):
                 batch = make_batch(data, cfg, users, model.num_items, rng)
-                loss, parts = loss_fn(
-                    model,
-                    *batch,
-                    table,
-                    cfg.train.aux_weight,
-                    in_batch=cfg.train.in_batch_negatives and privacy is None,
-                )
+                loss, parts = loss_fn(model, batch, text, cfg.train.aux_weight, shared=privacy is None)
                 loss.backward()
                 parts = {"loss": float(loss.detach()), **parts}
             else:  # an empty Poisson batch is still a noisy step
@@ -175,8 +200,12 @@ def train_round(
             else:
                 step_optimizer.step()
             for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value / cfg.train.local_steps
+                totals[key] = totals.get(key, 0.0) + (value if key == "positions" else value / cfg.train.local_steps)
     model.eval()
+    if model.memory is not None:
+        model.memory.requires_grad_(True)
+    totals["positions_per_second"] = totals.get("positions", 0.0) / (time.perf_counter() - started)
+    totals["item_cosine"] = mean_pairwise_cosine(model.item_table()[0])
     return totals
 
 

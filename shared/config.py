@@ -33,15 +33,27 @@ class ModelConfig:
 
     encoder: str = DEFAULT_ENCODER  # packaged MiniLM, a local folder, or a cached model id
     max_length: int = 32  # tokens per item text
-    history: int = 20  # most recent items the user model reads
-    head_experts: int = 4  # MMoE experts shared by all objectives
-    head_hidden: int = 64  # width of the head's projections and experts
+    history: int = 20  # most recent items the sequence encoder reads (its positions)
+    seq_dim: int = 64  # width of the sequence encoder
+    seq_layers: int = 2  # causal self-attention blocks
+    seq_heads: int = 2  # attention heads per block
+    seq_dropout: float = 0.2  # dropout in the sequence encoder (training only)
+    scale: float = 20.0  # initial scale a of the ranking logit a * cos(user, item) (learned; 1 / temperature)
+    item_memory: bool = True  # scenario-private per-item residual + output bias, trained locally, never sent
+    head_experts: int = 4  # MMoE experts shared by the non-ranking objectives
+    head_hidden: int = 64  # width of the MMoE's projections and experts
     objectives: str = "engagement,satisfaction"  # first one is the ranking objective
 
     def __post_init__(self) -> None:
-        for key in ("max_length", "history", "head_experts", "head_hidden"):
+        for key in ("max_length", "history", "seq_dim", "seq_layers", "seq_heads", "head_experts", "head_hidden"):
             if getattr(self, key) < 1:
                 _fail(f"model.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
+        if self.seq_dim % self.seq_heads:
+            _fail("model.seq-dim", self.seq_dim, f"must be a multiple of model.seq-heads ({self.seq_heads})")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            _fail("model.scale", self.scale, "must be a finite number > 0")
+        if not 0.0 <= self.seq_dropout < 1.0:
+            _fail("model.seq-dropout", self.seq_dropout, "must be in [0, 1)")
         names = _names(self.objectives)
         if not names or len(set(names)) != len(names):
             _fail("model.objectives", self.objectives, "needs distinct comma-separated names")
@@ -79,10 +91,11 @@ class TrainConfig:
     """Local training on one client (or one scenario alone)."""
 
     local_steps: int = 25  # optimiser steps per round
-    batch_size: int = 32  # users sampled per step, one example each
-    negatives: int = 3  # each user's own random catalog items, encoded through LoRA with its target
-    in_batch_negatives: bool = True  # rank each target against every fresh item of the batch (not under DP)
+    batch_size: int = 32  # users sampled per step, one sequence each (loss at every position)
+    fresh_items: int = 4  # per user: items of its sequence encoded fresh through LoRA (the adapters' gradient)
+    table_refresh: int = 0  # steps between refreshes of the item table; 0 = once per round
     lr: float = 0.003
+    memory_lr: float = 0.0003  # learning rate of the private item memory
     weight_decay: float = 0.0
     aux_weight: float = 0.5  # weight of every non-ranking objective's loss
     seed: int = 0
@@ -92,11 +105,12 @@ class TrainConfig:
         for key in ("local_steps", "batch_size"):
             if getattr(self, key) < 1:
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
-        for key in ("negatives", "threads"):
+        for key in ("fresh_items", "table_refresh", "threads"):
             if getattr(self, key) < 0:
-                _fail(f"train.{key}", getattr(self, key), "must be >= 0")
-        if not self.lr > 0:
-            _fail("train.lr", self.lr, "must be > 0")
+                _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be >= 0")
+        for key in ("lr", "memory_lr"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be a finite number > 0")
         if self.weight_decay < 0 or self.aux_weight < 0:
             _fail("train.weight-decay/aux-weight", (self.weight_decay, self.aux_weight), "must be >= 0")
 

@@ -42,6 +42,11 @@ def expected_metrics(greater: np.ndarray, equal: np.ndarray, k: int = 10) -> dic
 
 def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> dict[str, float]:
     """Mean expected HR@k, NDCG@k and MRR over users; scores (U, N) over the full catalog."""
+    return {name: float(v.mean()) for name, v in ranking_values(scores, targets, k).items()}
+
+
+def ranking_values(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> dict[str, np.ndarray]:
+    """Per-user expected HR@k, NDCG@k and MRR (U,) each; scores (U, N) over the full catalog."""
     if scores.ndim != 2 or targets.shape != (scores.shape[0],):
         raise ValueError(
             f"scores must be (U, N) and targets (U,), got {tuple(scores.shape)} and {tuple(targets.shape)}"
@@ -49,7 +54,7 @@ def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) ->
     if scores.shape[0] == 0:
         raise ValueError("no users to evaluate")
     g, e = tie_counts(scores, targets)
-    return {name: float(v.mean()) for name, v in expected_metrics(g, e, k).items()}
+    return expected_metrics(g, e, k)
 
 
 def mask_seen(scores: torch.Tensor, seen: list[np.ndarray], targets: torch.Tensor) -> torch.Tensor:
@@ -83,7 +88,12 @@ def _expected_discounts(scores: np.ndarray, discount: np.ndarray) -> np.ndarray:
 
 
 def impression_metrics(labels: list[np.ndarray], scores: list[np.ndarray]) -> dict[str, float]:
-    """MIND's impression metrics (AUC, MRR, nDCG@5, nDCG@10), averaged over impressions, ties in expectation.
+    """MIND's impression metrics (AUC, MRR, nDCG@5, nDCG@10), averaged over impressions, ties in expectation."""
+    return {m: float(v.mean()) for m, v in impression_values(labels, scores).items()}
+
+
+def impression_values(labels: list[np.ndarray], scores: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """MIND's impression metrics (AUC, MRR, nDCG@5, nDCG@10) per impression, ties in expectation.
 
     Per impression: AUC = P(clicked scored above non-clicked) with ties counting 1/2; MRR = sum of
     clicked items' 1/rank over the number of clicks; nDCG@k with gains 2^label - 1.
@@ -103,4 +113,20 @@ def impression_metrics(labels: list[np.ndarray], scores: list[np.ndarray]) -> di
             discount = np.where(np.arange(n) < k, 1.0 / np.log2(np.arange(n) + 2.0), 0.0)
             ideal = (np.sort(gains)[::-1] * discount).sum()
             out[f"ndcg@{k}"].append(float((gains * _expected_discounts(s, discount)).sum() / ideal))
-    return {m: float(np.mean(v)) for m, v in out.items()}
+    return {m: np.asarray(v) for m, v in out.items()}
+
+
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Mean of the paired differences ``a - b`` (the same users or impressions, in the same order) with a
+    percentile bootstrap interval over users: ``{"diff", "lo", "hi", "n"}``."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired values need two non-empty 1-d arrays of one shape, got {a.shape} and {b.shape}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(len(diff), size=len(diff))].mean() for _ in range(resamples)])
+    tail = (1.0 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return {"diff": float(diff.mean()), "lo": float(lo), "hi": float(hi), "n": int(len(diff))}

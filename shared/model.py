@@ -1,21 +1,23 @@
-"""The recommender: frozen text encoder + LoRA on its top layers, user sequence model, MMoE head.
+"""The recommender: frozen text encoder + LoRA on its top layers, causal sequence encoder, multi-objective
+head, and a scenario-private item memory.
 
-Item vector = L2-normalised mean-pooled top-layer output of the item text. The frozen layers below
-the LoRA layers never change, so their output for every catalog text is computed once and cached
-(:func:`frozen_prefix`); training and scoring run only the top layers on that cache.
+Text vector = L2-normalised mean-pooled top-layer output of the item text. The frozen layers below the
+LoRA layers never change, so their output for every catalog text is computed once and cached
+(:func:`frozen_prefix`); training and scoring run only the top layers on that cache. Item vector =
+unit(text vector + the item's private residual) with ``model.item-memory``, the text vector without.
 
-User vector = attention pooling with learned recency embeddings over the user's most recent item
-vectors. The head scores (user, item) pairs with one logit per objective: the first (ranking)
-objective adds a learned affine cosine term; experts are shared, gates are per objective (MMoE).
+User vectors = a SASRec-style causal self-attention encoder over the user's item vectors (one per
+position). Ranking logit = a * cos(user, item) + the item's private bias; every other objective comes
+from an MMoE over (user, item) pairs.
 
-Trainable and shared: LoRA adapters, user model, head. Everything else is frozen.
+Shared (trainable, sent to the server): LoRA adapters, sequence encoder, head. Private (trainable, never
+sent): the item memory (``memory.*``). Everything else is frozen.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import math
 from pathlib import Path
 from typing import cast
 
@@ -88,70 +90,128 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
 
 
-class UserEncoder(nn.Module):
-    """Attention pooling over the most recent item vectors, with learned recency embeddings."""
+class CausalBlock(nn.Module):
+    """Pre-norm transformer block: causal multi-head self-attention, then a position-wise MLP."""
 
-    def __init__(self, dim: int, history: int, hidden: int) -> None:
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.recency = nn.Embedding(history, dim)  # position 0 = most recent item
-        last = nn.Linear(hidden, 1)
-        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), last)
-        up = nn.Linear(hidden, dim)
-        self.out = nn.Sequential(nn.Linear(dim, hidden), up)  # low-rank residual: small per-user gradients
-        for param in (self.recency.weight, last.weight, last.bias, up.weight, up.bias):
-            nn.init.zeros_(param)  # at init: the plain mean of the history
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x (B, T, W), allowed (B, 1, T, T) bool (query may attend key) -> (B, T, W)."""
+        b, t, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, nh, T, W/nh)
+        x = x + self.drop(self.proj(attended.transpose(1, 2).reshape(b, t, w)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class SequenceEncoder(nn.Module):
+    """SASRec-style causal self-attention over a user's item vectors, one output per position.
+
+    Input: item vectors (B, T, D) oldest first, left-padded (the most recent item is always in the last
+    slot, so the positional embeddings count from the end). Output at position t depends on items <= t
+    only. User vector = unit(causal mean of the items so far + out(transformer state)); ``out`` starts
+    at zero, so at initialisation the user is the mean of its history (the zero-shot recommender) and
+    training adds what order and item-to-item interaction tell.
+    """
+
+    def __init__(self, dim: int, width: int, layers: int, heads: int, dropout: float, length: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, width)
+        self.position = nn.Embedding(length, width)
+        self.blocks = nn.ModuleList(CausalBlock(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+        self.drop = nn.Dropout(dropout)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """items (B, T, H) most recent first, mask (B, T) -> user vectors (B, H), unit norm."""
-        positions = torch.arange(items.shape[1], device=items.device).expand(items.shape[0], -1)
-        x = items + self.recency(positions)  # (B, T, H); batched lookup: per-user gradients under DP
-        weights = self.score(x).squeeze(-1).masked_fill(~mask, -math.inf).softmax(-1)  # (B, T)
-        pooled = (weights[..., None] * x).sum(1)  # (B, H)
-        return F.normalize(pooled + self.out(pooled), dim=-1)
+        """items (B, T, D), mask (B, T) True for real items -> user vectors (B, T, D), unit norm."""
+        b, t, _ = items.shape
+        positions = torch.arange(t, device=items.device).expand(b, t)  # batched lookup: per-user grads under DP
+        x = self.drop(self.inp(items) + self.position(positions)) * mask[..., None]  # (B, T, W)
+        causal = torch.ones(t, t, dtype=torch.bool, device=items.device).tril()
+        # a padded query attends to itself only (an all-masked softmax row would be NaN)
+        allowed = causal & (mask[:, None, :] | torch.eye(t, dtype=torch.bool, device=items.device))  # (B, T, T)
+        for block in self.blocks:
+            x = block(x, allowed[:, None])
+        real = mask[..., None].to(items.dtype)
+        mean = (items * real).cumsum(1) / real.cumsum(1).clamp(min=1.0)  # (B, T, D) causal mean of the history
+        return F.normalize(mean + self.out(self.norm(x)), dim=-1)
+
+
+class ItemMemory(nn.Module):
+    """Scenario-private per-item parameters: a residual added to each item's text vector and an output
+    bias. Both start at zero (text alone); they are trained locally and never leave the client."""
+
+    def __init__(self, num_items: int, dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Embedding(num_items, dim)
+        self.bias = nn.Embedding(num_items, 1)
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.bias.weight)
 
 
 class MultiObjectiveHead(nn.Module):
-    """MMoE over (user, item) pair features; one logit per objective, the first adds a cosine term."""
+    """Ranking logit = a * cos(u, v) + b (a two-tower score: full-catalog softmax and exact top-k are one
+    matrix product); every other objective from an MMoE over (user, item) pair features (shared experts,
+    one gate and tower per objective)."""
 
-    def __init__(self, dim: int, hidden: int, experts: int, objectives: int) -> None:
+    def __init__(self, dim: int, hidden: int, experts: int, objectives: int, scale: float) -> None:
         super().__init__()
         self.objectives, self.num_experts, self.hidden = objectives, experts, hidden
-        self.user_proj = nn.Linear(dim, hidden)
-        self.item_proj = nn.Linear(dim, hidden)
-        self.experts = nn.Linear(3 * hidden, experts * hidden)
-        self.gates = nn.Linear(3 * hidden, objectives * experts)
-        self.towers = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(objectives))
-        self.similarity = nn.Linear(1, 1)  # ranking logit = a * cos(u, v) + b + tower
-        nn.init.constant_(self.similarity.weight, 10.0)
+        self.aux = objectives - 1  # objectives scored by the MMoE
+        self.similarity = nn.Linear(1, 1)
+        nn.init.constant_(self.similarity.weight, scale)
         nn.init.zeros_(self.similarity.bias)
-        for tower in self.towers:  # at init the ranking logit is the scaled cosine alone
-            nn.init.zeros_(cast(nn.Linear, tower).weight)
+        if self.aux:
+            self.user_proj = nn.Linear(dim, hidden)
+            self.item_proj = nn.Linear(dim, hidden)
+            self.experts = nn.Linear(3 * hidden, experts * hidden)
+            self.gates = nn.Linear(3 * hidden, self.aux * experts)
+            self.towers = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(self.aux))
+
+    def rank(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Ranking logits of users (..., D) against items shared by all (N, D) -> (..., N)."""
+        return self.similarity((users @ items.T)[..., None])[..., 0]  # type: ignore[no-any-return]
+
+    def pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits of every non-ranking objective for aligned pairs: users (..., D), items (..., D) -> (..., K-1)."""
+        if not self.aux:
+            return users.new_zeros((*users.shape[:-1], 0))
+        pu, pv = self.user_proj(users), self.item_proj(items)
+        z = torch.cat([pu * pv, pu, pv], dim=-1)  # (..., 3h)
+        experts = F.relu(self.experts(z)).unflatten(-1, (self.num_experts, self.hidden))  # (..., E, h)
+        gates = self.gates(z).unflatten(-1, (self.aux, self.num_experts)).softmax(-1)  # (..., K-1, E)
+        mixed = gates @ experts  # (..., K-1, h)
+        return torch.cat([tower(mixed[..., k, :]) for k, tower in enumerate(self.towers)], dim=-1)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """users (B, H) against items shared by all users (C, H) or each user's own (B, C, H), all unit
-        norm -> logits (B, C, K) for every pair."""
-        if items.dim() == 2:  # project the shared items once
+        """Logits (B, C, K) of users (B, D) against items shared by all (C, D) or each user's own (B, C, D)."""
+        if items.dim() == 2:
             items = items[None].expand(users.shape[0], -1, -1)
-            pv = self.item_proj(items[0])[None].expand(users.shape[0], -1, -1)  # (B, C, h)
-        else:
-            pv = self.item_proj(items)  # (B, C, h)
-        pu = self.user_proj(users)[:, None].expand(-1, items.shape[1], -1)  # (B, C, h)
-        z = torch.cat([pu * pv, pu, pv], dim=-1)  # (B, C, 3h)
-        experts = F.relu(self.experts(z)).unflatten(-1, (self.num_experts, self.hidden))  # (B, C, E, h)
-        gates = self.gates(z).unflatten(-1, (self.objectives, self.num_experts)).softmax(-1)  # (B, C, K, E)
-        mixed = gates @ experts  # (B, C, K, h)
-        logits = torch.cat([tower(mixed[:, :, k]) for k, tower in enumerate(self.towers)], dim=-1)
-        cosine = items @ users[..., None]  # (B, C, 1)
-        return logits + F.pad(self.similarity(cosine), (0, self.objectives - 1))
+        cosine = (items @ users[..., None])  # (B, C, 1)
+        return torch.cat([self.similarity(cosine), self.pairs(users[:, None].expand_as(items), items)], dim=-1)
 
     @torch.no_grad()
     def item_features(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-item parts of :meth:`fast_scores`, computed once per catalog:
-        [pv, 1] (N, h+1), and the pv-terms (+ bias) of the experts (N, E*h) and gates (N, K*E)."""
+        [pv, 1] (N, h+1), and the pv-terms (+ bias) of the experts (N, E*h) and gates (N, (K-1)*E)."""
+        if not self.aux:
+            empty = items.new_zeros(len(items), 0)
+            return empty, empty, empty
         h = self.hidden
         pv = self.item_proj(items)  # (N, h)
         experts = pv @ self.experts.weight[:, 2 * h :].T + self.experts.bias  # (N, E*h)
-        gates = pv @ self.gates.weight[:, 2 * h :].T + self.gates.bias  # (N, K*E)
+        gates = pv @ self.gates.weight[:, 2 * h :].T + self.gates.bias  # (N, (K-1)*E)
         return torch.cat([pv, torch.ones(len(pv), 1)], dim=1), experts, gates
 
     @torch.no_grad()
@@ -162,37 +222,50 @@ class MultiObjectiveHead(nn.Module):
         features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         block: int = 2048,
     ) -> torch.Tensor:
-        """Same logits as :meth:`forward` for one user (1, H) against all items (N, H).
+        """Same logits as :meth:`forward` for one user (1, D) against all items (N, D) -> (1, N, K).
 
-        The expert and gate layers act on [pu*pv, pu, pv]; split by blocks, their pu*pv and pu parts
-        become one (h+1)-wide matrix per request applied to [pv, 1], added to the cached pv part in
-        one GEMM. Towers are applied to each expert before mixing (they are linear), so the (N, K, h)
+        The MMoE's expert and gate layers act on [pu*pv, pu, pv]; split by blocks, their pu*pv and pu parts
+        become one (h+1)-wide matrix per request applied to [pv, 1], added to the cached pv part in one
+        GEMM. Towers are applied to each expert before mixing (they are linear), so the (N, K-1, h)
         mixture is never built. Items go in blocks so intermediates stay in cache.
         """
-        h = self.hidden
+        logits = torch.empty(len(items), self.objectives)
+        logits[:, :1] = self.similarity((items @ users[0])[:, None])  # (N, 1)
+        if not self.aux:
+            return logits[None]
+        h, k = self.hidden, self.aux
         pu = self.user_proj(users)[0]  # (h,)
         we, wg = self.experts.weight, self.gates.weight
         user_experts = torch.cat([(we[:, :h] * pu).T, (we[:, h : 2 * h] @ pu)[None]])  # (h+1, E*h)
-        user_gates = torch.cat([(wg[:, :h] * pu).T, (wg[:, h : 2 * h] @ pu)[None]])  # (h+1, K*E)
+        user_gates = torch.cat([(wg[:, :h] * pu).T, (wg[:, h : 2 * h] @ pu)[None]])  # (h+1, (K-1)*E)
         towers = [cast(nn.Linear, t) for t in self.towers]
-        tower_w = torch.cat([t.weight for t in towers]).T  # (h, K)
-        tower_b = torch.cat([t.bias for t in towers])  # (K,)
-        cosine = self.similarity((items @ users[0])[:, None])  # (N, 1)
+        tower_w = torch.cat([t.weight for t in towers]).T  # (h, K-1)
+        tower_b = torch.cat([t.bias for t in towers])  # (K-1,)
         pv1, item_experts, item_gates = features
-        logits = torch.empty(len(items), self.objectives)
         for s in range(0, len(items), block):
             e = slice(s, s + block)
             experts = torch.addmm(item_experts[e], pv1[e], user_experts).relu_()  # (n, E*h)
-            per_expert = (experts.view(-1, self.hidden) @ tower_w).view(-1, self.num_experts, self.objectives)
-            gates = torch.addmm(item_gates[e], pv1[e], user_gates).view(-1, self.objectives, self.num_experts)
-            logits[e] = (gates.softmax(-1) * per_expert.transpose(1, 2)).sum(-1)  # (n, K)
-        logits += tower_b
-        logits[:, :1] += cosine
-        return logits[None]  # (1, N, K)
+            per_expert = (experts.view(-1, self.hidden) @ tower_w).view(-1, self.num_experts, k)
+            gates = torch.addmm(item_gates[e], pv1[e], user_gates).view(-1, k, self.num_experts)
+            logits[e, 1:] = (gates.softmax(-1) * per_expert.transpose(1, 2)).sum(-1) + tower_b  # (n, K-1)
+        return logits[None]
+
+
+def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
+    """Mean cosine over all pairs of distinct rows of (N, D): near 1 when an item space has collapsed."""
+    unit = F.normalize(vectors.double(), dim=-1)
+    n = len(unit)
+    if n < 2:
+        return 0.0
+    return float((unit.sum(0).square().sum() - n) / (n * (n - 1)))
+
+
+PRIVATE_PREFIX = "memory."  # parameters of the scenario-private item memory: never sent
 
 
 class RecModel(nn.Module):
-    """Frozen encoder with LoRA on its top layers, user model and multi-objective head."""
+    """Frozen encoder with LoRA on its top layers, sequence encoder, multi-objective head (shared) and,
+    once a catalog is attached with ``model.item-memory`` on, that catalog's item memory (private)."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -212,10 +285,10 @@ class RecModel(nn.Module):
         )
         self.encoder = get_peft_model(copy.deepcopy(base), lora)
         dim = base.config.hidden_size
-        self.user = UserEncoder(dim, cfg.model.history, cfg.model.head_hidden)
-        self.head = MultiObjectiveHead(
-            dim, cfg.model.head_hidden, cfg.model.head_experts, len(cfg.model.objective_names)
-        )
+        m = cfg.model
+        self.user = SequenceEncoder(dim, m.seq_dim, m.seq_layers, m.seq_heads, m.seq_dropout, m.history)
+        self.head = MultiObjectiveHead(dim, m.head_hidden, m.head_experts, len(m.objective_names), m.scale)
+        self.memory: ItemMemory | None = None
         self._prefix: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
 
@@ -224,12 +297,15 @@ class RecModel(nn.Module):
         return cast(PreTrainedModel, self.encoder.base_model.model)
 
     def attach_catalog(self, texts: list[str]) -> None:
-        """Compute (or fetch from cache) the frozen-prefix states of a catalog's item texts."""
+        """Compute (or fetch from cache) the frozen-prefix states of a catalog's item texts; with
+        ``model.item-memory`` a fresh (zero) item memory for this catalog."""
         if not texts:
             raise ValueError("the catalog is empty")
         self._prefix, self._mask = frozen_prefix(
             self.cfg.model.encoder, self.cfg.model.max_length, self.frozen_layers, tuple(texts)
         )
+        if self.cfg.model.item_memory:
+            self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size))
 
     @property
     def num_items(self) -> int:
@@ -238,7 +314,7 @@ class RecModel(nn.Module):
         return int(self._prefix.shape[0])
 
     def encode_items(self, index: torch.Tensor) -> torch.Tensor:
-        """Item vectors, unit norm, through the LoRA layers: catalog indices (B,) -> (B, H), or (B, C) -> (B, C, H).
+        """Text vectors, unit norm, through the LoRA layers: catalog indices (B,) -> (B, H), or (B, C) -> (B, C, H).
 
         Each row's items are packed into one sequence of their real tokens (no padding between them)
         with block-diagonal attention: every item attends to its own tokens only, so its vector is the
@@ -277,21 +353,56 @@ class RecModel(nn.Module):
         vectors = F.normalize((weights @ packed) / weights.sum(-1, keepdim=True), dim=-1)  # (B, C, H)
         return vectors if index.dim() == 2 else vectors[:, 0]
 
+    def item_vectors(self, text: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Item vectors from text vectors (..., H) of catalog items ``index`` (...): unit(text + private
+        residual) with an item memory, the text vectors themselves without one."""
+        if self.memory is None:
+            return text
+        return F.normalize(text + self.memory.residual(index), dim=-1)
+
+    def item_bias(self, index: torch.Tensor) -> torch.Tensor:
+        """The private output bias of catalog items ``index`` (...) -> (...); zeros without a memory."""
+        if self.memory is None:
+            return torch.zeros(index.shape)
+        return self.memory.bias(index)[..., 0]  # type: ignore[no-any-return]
+
     @torch.no_grad()
-    def item_table(self, batch_size: int = 256) -> torch.Tensor:
-        """All catalog item vectors (N, H), no gradient."""
+    def text_table(self, batch_size: int = 256) -> torch.Tensor:
+        """All catalog text vectors (N, H) through the LoRA layers, no gradient."""
         index = torch.arange(self.num_items)
         return torch.cat([self.encode_items(index[s : s + batch_size]) for s in range(0, len(index), batch_size)])
 
+    @torch.no_grad()
+    def item_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All catalog item vectors (N, H) (text + private residual) and output biases (N,), no gradient."""
+        index = torch.arange(self.num_items)
+        return self.item_vectors(self.text_table(), index), self.item_bias(index)
+
     def user_vectors(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """history (B, T) item indices, most recent first, -1 = padding -> user vectors (B, H)."""
+        """history (B, T) item indices, oldest first, left-padded with -1 -> user vectors (B, H) after the
+        most recent item."""
         mask = history >= 0
-        if not bool(mask[:, 0].all()):
+        if not bool(mask[:, -1].all()):
             raise ValueError("every user needs at least one history item")
-        return self.user(table[history.clamp(min=0)], mask)  # type: ignore[no-any-return]
+        return self.user(table[history.clamp(min=0)], mask)[:, -1]  # type: ignore[no-any-return]
+
+    def user_from_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """One user's vector (1, H) from its history's item vectors (n, H), oldest first (the most recent
+        ``model.history`` are read, left-padded like every training sequence)."""
+        length = self.cfg.model.history
+        recent = vectors[-length:]
+        padded = recent.new_zeros(1, length, recent.shape[-1])
+        padded[0, length - len(recent) :] = recent
+        mask = torch.zeros(1, length, dtype=torch.bool)
+        mask[0, length - len(recent) :] = True
+        return self.user(padded, mask)[:, -1]  # type: ignore[no-any-return]
+
+    def scores(self, users: torch.Tensor, table: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Ranking logits of users (..., H) against the whole catalog (N, H) with its biases (N,) -> (..., N)."""
+        return self.head.rank(users, table) + bias  # type: ignore[no-any-return]
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C, K) for user vectors (B, H) against item vectors (C, H) or (B, C, H)."""
+        """Logits (B, C, K) for user vectors (B, H) against item vectors (C, H) or (B, C, H) (no item bias)."""
         return self.head(users, items)  # type: ignore[no-any-return]
 
 

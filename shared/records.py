@@ -1,6 +1,7 @@
 """What travels between server and clients: record keys, encode/decode, validation.
 
-Only trainable parameters (LoRA adapters, user model, head) ever leave a client.
+Only shared trainable parameters (LoRA adapters, sequence encoder, head) ever leave a client; the
+scenario-private item memory (``memory.*``) never does.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from .model import PRIVATE_PREFIX
+
 ARRAYS = "arrays"  # ArrayRecord: trainable weights
 METRICS = "metrics"  # MetricRecord: numbers, incl. NUM_EXAMPLES
 CONFIG = "config"  # ConfigRecord: round settings (server -> client)
@@ -18,14 +21,19 @@ INFO = "info"  # ConfigRecord: scenario name, refusal reasons (client -> server)
 NUM_EXAMPLES = "num-examples"
 
 
+def shared_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters every client shares, by name: everything trainable but the private memory."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(PRIVATE_PREFIX)}
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """Copies of every trainable parameter, by name."""
-    return {n: p.detach().cpu().numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
+    """Copies of every shared trainable parameter, by name (what a client sends)."""
+    return {n: p.detach().cpu().numpy().copy() for n, p in shared_parameters(model).items()}
 
 
 def load_trainable(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Set every trainable parameter from ``arrays``; names and shapes must match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    """Set every shared trainable parameter from ``arrays``; names and shapes must match exactly."""
+    params = shared_parameters(model)
     problems = validate_arrays(arrays, {n: (tuple(p.shape), np.dtype("float32")) for n, p in params.items()})
     if problems:
         raise ValueError("cannot load weights: " + "; ".join(problems))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from client.privacy import DPSGD, plan
-from client.training import LocalData, build_model, history_tensor, loss_fn, make_batch, sample_users, train_round
+from client.training import LocalData, build_model, loss_fn, make_batch, sample_users, train_round
 from shared.config import Config
 from shared.data import load_scenario
 from shared.demo import write_demo_federation
@@ -95,7 +95,7 @@ def utility(
 def step_times(cfg: Config, data: LocalData, repeats: int = 12) -> dict[str, float]:
     """Median seconds of a plain and of a DP-SGD optimiser step on the same batch, measured alternately."""
     model = build_model(cfg, data)
-    table = model.item_table()
+    text = model.text_table()
     rng = np.random.default_rng(cfg.train.seed)
     batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -107,7 +107,7 @@ def step_times(cfg: Config, data: LocalData, repeats: int = 12) -> dict[str, flo
     def step(optimizer: torch.optim.Optimizer) -> float:
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, *batch, table, cfg.train.aux_weight)[0].backward()
+        loss_fn(model, batch, text, cfg.train.aux_weight, shared=False)[0].backward()
         optimizer.step()
         return time.perf_counter() - started
 
@@ -123,24 +123,15 @@ def step_times(cfg: Config, data: LocalData, repeats: int = 12) -> dict[str, flo
 
 @torch.no_grad()
 def user_losses(model: RecModel, data: LocalData, cfg: Config, users: np.ndarray, seed: int) -> np.ndarray:
-    """Each user's mean training loss over all their (history, next item) pairs, fixed negatives."""
+    """Each user's training loss on its most recent training sequence (every position), its own fresh items
+    fixed by ``seed``."""
     rng = np.random.default_rng(seed)
     model.eval()
-    table = model.item_table()
+    text = model.text_table()
     out = np.empty(len(users))
     for row, u in enumerate(users):
-        seq = data.split.train[u]
-        positions = np.arange(1, len(seq))
-        history = history_tensor([seq[:t] for t in positions], cfg.model.history)
-        target = torch.as_tensor(seq[positions], dtype=torch.long)
-        labels = torch.full((len(positions), len(cfg.model.objective_names)), float("nan"))
-        labels[:, 0] = 1.0
-        for k, name in enumerate(cfg.model.objective_names[1:], start=1):
-            if name in data.split.train_labels:
-                labels[:, k] = torch.as_tensor(data.split.train_labels[name][u][positions], dtype=torch.float32)
-        negatives = torch.as_tensor(rng.integers(model.num_items, size=(len(positions), cfg.train.negatives)))
-        loss, _ = loss_fn(model, history, target, labels, negatives, table, cfg.train.aux_weight)
-        out[row] = float(loss)  # the mean over the user's pairs
+        batch = make_batch(data, cfg, np.asarray([u]), model.num_items, rng, recent=True)
+        out[row] = float(loss_fn(model, batch, text, cfg.train.aux_weight, shared=False)[0])
     return out
 
 

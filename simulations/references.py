@@ -10,13 +10,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from client.evaluation import evaluate, frozen_table, popularity_metrics
+from client.evaluation import PerUser, evaluate, frozen_table, per_user_file, popularity_metrics, save_per_user
 from client.training import LocalData, build_model, train_round
 from shared.config import Config
 from shared.data import Scenario, Split
@@ -38,34 +40,54 @@ def primary_metric(row: Row) -> str:
     return "auc" if "auc" in row["valid"] else "ndcg@10"
 
 
-def popularity_rows(datasets: Iterable[LocalData], vectors: dict[str, torch.Tensor] | None = None) -> list[Row]:
+def evaluated(
+    folder: Path | None, data: LocalData, server_round: int, measure: Callable[[PerUser], dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """``measure`` (an evaluation filling per-user values) as split metrics; the per-user values are saved
+    under ``folder`` (:func:`per_user_file`) when given, for paired intervals."""
+    values: PerUser = {}
+    flat = measure(values)
+    if folder is not None:
+        save_per_user(per_user_file(folder, data.scenario.name, server_round), values)
+    return split_metrics(flat)
+
+
+def popularity_rows(
+    datasets: Iterable[LocalData], vectors: dict[str, torch.Tensor] | None = None, folder: Path | None = None
+) -> list[Row]:
     """Popularity per scenario; ILD/coverage of its top 10 where the scenario's frozen item vectors are given."""
     return [
         {
             "round": 0,
             "scenario": d.scenario.name,
             "reference": "popularity",
-            **split_metrics(popularity_metrics(d, (vectors or {}).get(d.scenario.name))),
+            **evaluated(folder, d, 0, functools.partial(popularity_metrics, d, (vectors or {}).get(d.scenario.name))),
         }
         for d in datasets
     ]
 
 
-def zero_shot_rows(cfg: Config, datasets: Iterable[LocalData]) -> tuple[list[Row], dict[str, torch.Tensor]]:
-    """The untrained model: LoRA at init is the frozen encoder, the user model at init the plain mean of the
-    last ``model.history`` item vectors, and the head at init ranks by their cosine. Also returns each
-    scenario's frozen item vectors (the model's item table at init)."""
+def zero_shot_rows(
+    cfg: Config, datasets: Iterable[LocalData], folder: Path | None = None
+) -> tuple[list[Row], dict[str, torch.Tensor]]:
+    """The untrained model: LoRA at init is the frozen encoder, the sequence encoder at init the plain mean
+    of the last ``model.history`` item vectors (its output layer starts at zero), the item memory zero,
+    and the head at init ranks by their cosine. Also returns each scenario's frozen item vectors."""
     rows, vectors = [], {}
     for d in datasets:
         model = build_model(cfg, d)
         table = vectors[d.scenario.name] = frozen_table(cfg, d.scenario.texts)  # = model.item_table() at init
-        flat = evaluate(model, d, cfg, table=table, vectors=table)
-        rows.append({"round": 0, "scenario": d.scenario.name, "reference": "zero_shot", **split_metrics(flat)})
+        at_init = (table, torch.zeros(len(table)))
+        split = evaluated(folder, d, 0, functools.partial(evaluate, model, d, cfg, at_init, table))
+        rows.append({"round": 0, "scenario": d.scenario.name, "reference": "zero_shot", **split})
     return rows, vectors
 
 
-def local_rows(cfg: Config, data: LocalData, on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    """One scenario alone: the same model, initial weights, rounds and steps as a federated client."""
+def local_rows(
+    cfg: Config, data: LocalData, on_row: Callable[[Row], None] | None = None, folder: Path | None = None
+) -> list[Row]:
+    """One scenario alone: the same model (item memory included), initial weights, rounds and steps as a
+    federated client."""
     model = build_model(cfg, data)  # same seed as the server's initial weights
     vectors = frozen_table(cfg, data.scenario.texts)
     rows: list[Row] = []
@@ -76,7 +98,7 @@ def local_rows(cfg: Config, data: LocalData, on_row: Callable[[Row], None] | Non
             "scenario": data.scenario.name,
             "reference": "local",
             "train": stats,
-            **split_metrics(evaluate(model, data, cfg, vectors=vectors)),
+            **evaluated(folder, data, server_round, functools.partial(evaluate, model, data, cfg, None, vectors)),
         }
         rows.append(row)
         if on_row:
@@ -115,7 +137,7 @@ def pool(datasets: Sequence[LocalData]) -> tuple[LocalData, list[int]]:
 
 
 def centralized_rows(
-    cfg: Config, datasets: Sequence[LocalData], on_row: Callable[[Row], None] | None = None
+    cfg: Config, datasets: Sequence[LocalData], on_row: Callable[[Row], None] | None = None, folder: Path | None = None
 ) -> list[Row]:
     """One model on the pooled data: per round ``train.local-steps`` x scenarios steps (the federation's
     total), then each scenario evaluated on its own catalog (a slice of the pooled item table)."""
@@ -127,11 +149,12 @@ def centralized_rows(
     rows: list[Row] = []
     for server_round in range(1, cfg.fed.rounds + 1):
         stats = train_round(model, pooled, steps, server_round)
-        table = model.item_table()
+        table, bias = model.item_table()
         for d, off in zip(datasets, offsets, strict=True):
-            flat = evaluate(model, d, cfg, table=table[off : off + d.scenario.num_items])
+            own = (table[off : off + d.scenario.num_items], bias[off : off + d.scenario.num_items])
+            split = evaluated(folder, d, server_round, functools.partial(evaluate, model, d, cfg, own, None))
             row: Row = {"round": server_round, "scenario": d.scenario.name, "reference": "centralized", "train": stats}
-            rows.append(row | split_metrics(flat))
+            rows.append(row | split)
             if on_row:
                 on_row(rows[-1])
     return rows

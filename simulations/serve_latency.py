@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     _, folder, weights = read_checkpoint(args.run)
-    dim = int(weights["user.recency.weight"].shape[1])  # the encoder's hidden size
+    dim = int(weights["user.out.weight"].shape[0])  # the encoder's hidden size
     rng = np.random.default_rng(0)
     results = {}
     for size in [int(s) for s in args.sizes.split(",")]:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         table = torch.nn.functional.normalize(
             torch.randn(size, dim, generator=torch.Generator().manual_seed(size)), dim=-1
         )
-        save_table(cache / cache_name(file_hash(folder / WEIGHTS_FILE), texts), table)
+        save_table(cache / cache_name(file_hash(folder / WEIGHTS_FILE), texts), table, torch.zeros(size))
         with running_service(folder, [data], cache) as url:
             results[size] = measure(url + "/recommend", size, args.requests, rng)
         print(f"{size} items: {json.dumps(results[size])}", flush=True)

@@ -1,0 +1,107 @@
+"""A client's own state on disk: its privacy ledger and its scenario-private parameters (item memory).
+
+Both live in one folder per scenario: ``<state-dir>`` for a client daemon (node config ``state-dir``),
+``<run.dir>/clients/<scenario>/`` in a simulation. A resumed simulation (``run.resume`` =
+``<old run>/checkpoints/round-N``) reads what it lacks from ``<old run>/clients/<scenario>/``.
+
+The private file holds every ``memory.*`` parameter with the catalog's item ids, so it loads onto a
+changed catalog by id: items it does not know (new items) start from their text alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from shared.config import Config
+from shared.model import PRIVATE_PREFIX, RecModel
+
+PRIVATE_FILE = "private.safetensors"
+
+
+def state_folder(cfg: Config, node_config: Mapping[str, object], scenario: str) -> Path | None:
+    """Client daemon: ``<state-dir>``; simulation: ``<run.dir>/clients/<scenario>``; None when neither."""
+    if "state-dir" in node_config:
+        return Path(str(node_config["state-dir"]))
+    if cfg.run.dir:
+        return Path(cfg.run.dir) / "clients" / scenario
+    return None
+
+
+def resumed_file(cfg: Config, path: Path, scenario: str) -> Path:
+    """``path`` if it exists, else the same file of the run that ``run.resume`` continues (if any)."""
+    if path.exists() or not cfg.run.resume:
+        return path
+    return Path(cfg.run.resume).resolve().parents[1] / "clients" / scenario / path.name
+
+
+def private_state(model: RecModel) -> dict[str, torch.Tensor]:
+    """Copies of the scenario-private parameters, by name (empty without an item memory)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(PRIVATE_PREFIX)}
+
+
+def private_scenario(path: Path) -> str | None:
+    """The scenario a private file was written for (None when unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("scenario")
+    except (OSError, SafetensorError):
+        return None
+
+
+def save_private(model: RecModel, path: Path, scenario: str, item_ids: list[str]) -> None:
+    """Write the private parameters, the scenario's name and its catalog's item ids atomically (temp file,
+    fsync, rename)."""
+    state = private_state(model)
+    if not state:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        metadata = {"scenario": scenario, "item_ids": json.dumps(item_ids)}
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_private(model: RecModel, path: Path, item_ids: list[str]) -> int:
+    """Load private parameters written by :func:`save_private` onto the model's catalog ``item_ids``,
+    matching rows by item id; returns how many catalog items it knew. Shapes other than the item count
+    must match; a file that cannot be read is an error naming it (nothing is loaded)."""
+    params = dict(model.named_parameters())
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            stored_ids = json.loads((fh.metadata() or {})["item_ids"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+        raise ValueError(f"private state {path} is unreadable ({exc}); move it away to start from text alone") from None
+    missing = sorted(set(private_state(model)) - set(tensors))
+    if missing:
+        raise ValueError(f"private state {path} lacks {missing}: written by a different model")
+    rows = {item: i for i, item in enumerate(stored_ids)}
+    known = [(i, rows[item]) for i, item in enumerate(item_ids) if item in rows]
+    target = torch.tensor([i for i, _ in known], dtype=torch.long)
+    source = torch.tensor([j for _, j in known], dtype=torch.long)
+    with torch.no_grad():
+        for name in private_state(model):
+            param, stored = params[name], tensors[name]
+            if stored.shape[0] != len(stored_ids) or stored.shape[1:] != param.shape[1:]:
+                raise ValueError(
+                    f"private state {path}: '{name}' has shape {tuple(stored.shape)}, the model needs "
+                    f"(items, {', '.join(map(str, param.shape[1:]))})"
+                )
+            param.zero_()
+            param[target] = stored[source].to(param.dtype)
+    return len(known)
