@@ -31,7 +31,8 @@ from shared.files import atomic_write_text
 from shared.loaders import PUBLIC_FORMATS, load_public
 
 from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
-from .report import summary, write_outputs
+from .report import paired_table, summary, write_outputs
+from .sasrec import sasrec_rows
 from .simulate import APP_DIR, federated_rows, load_datasets, parse_overrides, print_table
 
 DEFAULT_DATA = APP_DIR.parent / "shared" / "data"
@@ -61,7 +62,7 @@ DEFAULT_RUN_CONFIG = {
     "fed.rounds": 3,
     "train.local-steps": 60,
 }
-REFERENCES = ("federated", "zero_shot", "popularity", "local", "centralized")
+REFERENCES = ("federated", "zero_shot", "popularity", "local", "centralized", "sasrec")
 
 # Published figures on the same data and protocol (see BENCHMARKS.md).
 GOALS = (
@@ -253,13 +254,16 @@ def benchmark(
             fed, _ = federated_rows(run_dir / reference, {**overrides, **extra}, len(datasets), cfg.fed.rounds)
             new = [r | {"reference": reference} for r in fed]
         elif reference == "zero_shot":
-            new, vectors = zero_shot_rows(cfg, datasets)
+            new, vectors = zero_shot_rows(cfg, datasets, run_dir / reference)
         elif reference == "popularity":
-            new = popularity_rows(datasets, vectors)
+            new = popularity_rows(datasets, vectors, run_dir / reference)
         elif reference == "local":
-            new = [row for d in datasets for row in local_rows(cfg, d, progress.row)]
+            new = [row for d in datasets for row in local_rows(cfg, d, progress.row, run_dir / reference)]
+        elif reference == "sasrec":  # sequential scenarios only: news has cold items and untrained test users
+            sequential = [d for d in datasets if d.scenario.impressions is None]
+            new = [row for d in sequential for row in sasrec_rows(cfg, d, progress.row, run_dir / reference)]
         else:
-            new = centralized_rows(cfg, datasets, progress.row)
+            new = centralized_rows(cfg, datasets, progress.row, run_dir / reference)
         timings[reference], cpu[reference] = time.time() - t0, meter.sample() - c0
         if reference.startswith("federated") or reference == "zero_shot":
             for row in new:
@@ -325,13 +329,16 @@ def finish(
         own = [r for r in rows if r["reference"] == reference]
         selected[reference] = {str(r["scenario"]): r for r in own} if own[0]["round"] == 0 else select_rounds(own)
     notes = [*notes, *goal_notes(summary(selected))]
-    result = write_outputs(run_dir, rows, selected, timings, notes, {"cpu_seconds": cpu, "notes": notes})
+    folders = {r: run_dir / r for r in references}
+    result = write_outputs(run_dir, rows, selected, timings, notes, {"cpu_seconds": cpu, "notes": notes}, folders)
     latest = runs_dir.resolve() / "benchmark-latest"
     tmp_link = latest.with_name(".benchmark-latest-tmp")
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(os.path.relpath(run_dir, latest.parent))
     os.replace(tmp_link, latest)
     print_table(result)
+    for line in paired_table(result.get("paired", {})):
+        print(line)
     for note in notes[2:]:
         print(f"  {note}")
     print(f"crossrec: benchmark done in {timings['total']:.0f}s; outputs in {latest} -> {run_dir.name}")

@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shared.metrics import IMPRESSION_METRICS, METRIC_NAMES  # noqa: E402
+from client.evaluation import load_per_user, per_user_file  # noqa: E402
+from shared.metrics import IMPRESSION_METRICS, METRIC_NAMES, paired_bootstrap  # noqa: E402
 
 Row = dict[str, Any]
 PROTOCOL = (
@@ -25,7 +26,48 @@ PROTOCOL = (
     "relative to its best round"
 )
 BEYOND_ACCURACY = ("ild@10", "coverage@10")
-REFERENCE_ORDER = ("popularity", "zero_shot", "local", "centralized", "federated")
+REFERENCE_ORDER = ("popularity", "zero_shot", "sasrec", "local", "centralized", "federated")
+
+
+def paired_intervals(
+    selected: dict[str, dict[str, Row]], folders: dict[str, Path], base: str = "federated"
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per scenario, ``base`` minus every other reference on the test split's primary metric (NDCG@10;
+    news: AUC): the mean paired difference over the same test users (impressions) at each reference's
+    selected round, with a 95 % bootstrap interval (:func:`paired_bootstrap`). References whose per-user
+    values are not on disk (``folders[reference]``, :func:`per_user_file`) are left out."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, row in selected.get(base, {}).items():
+        metric = "auc" if "auc" in row["test"] else "ndcg@10"
+        own = per_user_file(folders[base], name, int(row["round"]))
+        if not own.is_file():
+            continue
+        mine = load_per_user(own)[f"test.{metric}"]
+        for reference, rows in selected.items():
+            other = rows.get(name)
+            if reference == base or other is None or reference not in folders:
+                continue
+            path = per_user_file(folders[reference], name, int(other["round"]))
+            if path.is_file():
+                theirs = load_per_user(path)[f"test.{metric}"]
+                out.setdefault(name, {})[f"{base} - {reference}"] = {"metric": metric, **paired_bootstrap(mine, theirs)}
+    return out
+
+
+def paired_table(paired: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Markdown table of paired differences with their 95 % intervals and what they let one claim."""
+    lines = [
+        "| scenario | comparison | metric | difference | 95 % interval | users | verdict |",
+        "|---|---|---|---:|---|---:|---|",
+    ]
+    for name, comparisons in paired.items():
+        for what, p in comparisons.items():
+            verdict = "better" if p["lo"] > 0 else "worse" if p["hi"] < 0 else "within noise"
+            lines.append(
+                f"| {name} | {what} | {p['metric']} | {p['diff']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] "
+                f"| {p['n']} | {verdict} |"
+            )
+    return lines
 
 
 def metric_names(metrics: dict[str, Any]) -> list[str]:
@@ -93,6 +135,8 @@ def markdown(result: dict[str, Any], timings: dict[str, float], notes: list[str]
         "",
         *results_table(result),
     ]
+    if result.get("paired"):
+        lines += ["## Paired differences (test, same users)", "", *paired_table(result["paired"]), ""]
     lines += [
         "",
         "Round 0 = not trained. Plots of validation metrics per round: `plots/*.png`.",
@@ -148,8 +192,12 @@ def write_outputs(
     timings: dict[str, float],
     notes: list[str],
     extra: dict[str, Any] | None = None,
+    folders: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
+    """summary.json (with paired intervals where per-user values are in ``folders``), report.md, plots."""
     result = summary(selected)
+    if folders:
+        result["paired"] = paired_intervals(selected, folders)
     spent = privacy_spent(rows)
     if spent:  # privacy.NAME.{epsilon,delta}: the main private reference; every private one by reference
         result["privacy"] = spent.get("federated", next(iter(spent.values())))

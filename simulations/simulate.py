@@ -28,7 +28,7 @@ from shared.data import load_scenario
 from shared.demo import write_demo_federation
 
 from .references import local_rows, popularity_rows, select_rounds
-from .report import results_table, write_outputs
+from .report import paired_table, results_table, write_outputs
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,10 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     rows, final = federated_rows(run_dir, overrides, len(datasets), cfg.fed.rounds)
     timings["federated"] = time.time() - t0
     t0 = time.time()
-    pop = popularity_rows(datasets, {d.scenario.name: frozen_table(cfg, d.scenario.texts) for d in datasets})
+    folders = {"federated": run_dir, "popularity": run_dir / "popularity", "local": run_dir / "local"}
+    pop = popularity_rows(
+        datasets, {d.scenario.name: frozen_table(cfg, d.scenario.texts) for d in datasets}, folders["popularity"]
+    )
     timings["popularity"] = time.time() - t0
     t0 = time.time()
     local = []
@@ -83,7 +86,7 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
             )
 
         print(f"crossrec: local reference for {d.scenario.name}", flush=True)
-        local += local_rows(cfg, d, show)
+        local += local_rows(cfg, d, show, folders["local"])
     timings["local"] = time.time() - t0
     with (run_dir / METRICS_FILE).open("a") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in pop + local)
@@ -95,13 +98,15 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     }
     timings["total"] = time.time() - started
     notes = [f"final checkpoint: {final.relative_to(run_dir)}; peft adapter: adapter/"]
-    result = write_outputs(run_dir, rows + pop + local, selected, timings, notes)
+    result = write_outputs(run_dir, rows + pop + local, selected, timings, notes, folders=folders)
     latest = Path(runs_dir).resolve() / "latest"
     tmp_link = latest.with_name(".latest-tmp")
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(run_dir.name)
     os.replace(tmp_link, latest)
     print_table(result)
+    for line in paired_table(result.get("paired", {})):
+        print(line)
     print(f"crossrec: done in {timings['total']:.0f}s; outputs in {latest} -> {run_dir.name}")
     return run_dir
 
