@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--run-config", default="", help='overrides of the benchmark defaults, e.g. "fed.rounds=3"')
     bench.add_argument("--runs-dir", default="runs", help="where the run folder goes (default: runs)")
     bench.add_argument("--epsilons", default="", help="add private federated references, e.g. 1,4,8")
-    bench.add_argument("--references", default="federated,zero_shot,popularity,local,centralized", help="subset to run")
+    bench.add_argument(
+        "--references", default="federated,zero_shot,popularity,local,centralized,sasrec", help="subset to run"
+    )
     bench.add_argument("--merge", default="", help="combine finished benchmark runs (comma-separated folders)")
     bench.add_argument(
         "--sequential",
@@ -50,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest round)")
         p.add_argument("--data", required=True, action="append", help="a scenario folder (repeat for several)")
         p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "crossrec"), help="item-vector cache")
+        p.add_argument(
+            "--state-dir",
+            action="append",
+            default=[],
+            help="a client's state folder holding its private item memory (repeat; default: the run's clients/)",
+        )
         p.add_argument("--run-config", default="", help='serve.* overrides, e.g. "serve.diversity=0.2"')
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1")

@@ -27,7 +27,9 @@ def serve_config(text: str) -> Config:
 
 
 def load(args: argparse.Namespace, checkpoint: str) -> Recommender:
-    return Recommender(checkpoint, args.data, args.cache_dir, serve=serve_config(args.run_config).serve)
+    return Recommender(
+        checkpoint, args.data, args.cache_dir, serve=serve_config(args.run_config).serve, state_dirs=args.state_dir
+    )
 
 
 def parse_weights(text: str | None) -> dict[str, float] | None:
