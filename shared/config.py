@@ -91,10 +91,10 @@ class TrainConfig:
     """Local training on one client (or one scenario alone)."""
 
     local_steps: int = 25  # optimiser steps per round
-    batch_size: int = 32  # users sampled per step, one sequence each (loss at every position)
-    fresh_items: int = 4  # per user: items of its sequence encoded fresh through LoRA (the adapters' gradient)
+    batch_size: int = 128  # users sampled per step, one sequence each (loss at every position)
+    fresh_items: int = 1  # per user: items of its sequence encoded fresh through LoRA (the adapters' gradient)
     table_refresh: int = 0  # steps between refreshes of the item table; 0 = once per round
-    lr: float = 0.003
+    lr: float = 0.001
     memory_lr: float = 0.0003  # learning rate of the private item memory
     weight_decay: float = 0.0
     aux_weight: float = 0.5  # weight of every non-ranking objective's loss
