@@ -25,7 +25,7 @@ from shared.records import (
 
 from .evaluation import PerUser, eval_file, evaluate, save_per_user
 from .privacy import DPSGD, ledger_path, open_ledger
-from .state import PRIVATE_FILE, load_private, resumed_file, save_private, state_folder
+from .state import PRIVATE_FILE, load_private, private_source, round_copy, save_private, state_folder
 from .training import LocalData, build_model, prepare, train_round
 
 app = ClientApp()
@@ -85,13 +85,15 @@ def private_path(cfg: Config, context: Context, data: LocalData) -> Path | None:
     return folder / PRIVATE_FILE
 
 
-def client_model(cfg: Config, context: Context, data: LocalData, msg: Message) -> RecModel:
-    """The model with the global shared weights of ``msg`` and this client's private memory (if kept)."""
+def client_model(cfg: Config, context: Context, data: LocalData, msg: Message, upto: int) -> RecModel:
+    """The model with the global shared weights of ``msg`` and this client's private memory after round
+    ``upto`` of this run (if kept)."""
     model = build_model(cfg, data)
     load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
     path = private_path(cfg, context, data)
-    if path is not None and resumed_file(cfg, path, data.scenario.name).exists():
-        load_private(model, resumed_file(cfg, path, data.scenario.name), data.scenario.item_ids)
+    source = private_source(cfg, path, data.scenario.name, upto) if path is not None else None
+    if source is not None:
+        load_private(model, source, data.scenario.item_ids)
     return model
 
 
@@ -104,10 +106,11 @@ def train(msg: Message, context: Context) -> Message:
     server_round = cast(int, msg.content.config_records[CONFIG]["server-round"])
     path = private_path(cfg, context, data)
     if not cfg.privacy.enabled:
-        model = client_model(cfg, context, data, msg)
+        model = client_model(cfg, context, data, msg, server_round - 1)
         stats = train_round(model, data, cfg, server_round)
         if path is not None:
             save_private(model, path, data.scenario.name, data.scenario.item_ids)
+            save_private(model, round_copy(path, cfg.run.dir, server_round), data.scenario.name, data.scenario.item_ids)
         return _reply(msg, data, stats, with_weights=model)
     path = ledger_path(cfg, context.node_config, data.scenario.name)
     ledger = open_ledger(cfg, path, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
@@ -115,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
     refusal = ledger.refusal(cfg.train.local_steps)
     if refusal is not None:
         return _reply(msg, data, spent, refused=refusal)
-    model = client_model(cfg, context, data, msg)
+    model = client_model(cfg, context, data, msg, server_round - 1)
     stats = train_round(model, data, cfg, server_round, DPSGD(ledger, len(data.trainable_users)))
     ledger.record(cfg.train.local_steps, server_round)
     ledger.save(path)  # before the weights leave: a crash after this over-counts, never under-counts
@@ -129,11 +132,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     validation and test splits. Each test user's values stay on the client: in its state folder
     (``eval/round-NNNN.npz``), where a benchmark run on one machine reads them for paired intervals."""
     cfg, data = setup(context)
-    model = client_model(cfg, context, data, msg)
+    server_round = cast(int, msg.content.config_records[CONFIG]["server-round"])
+    model = client_model(cfg, context, data, msg, server_round)
     per_user: PerUser = {}
     metrics = evaluate(model, data, cfg, per_user=per_user)
     folder = state_folder(cfg, context.node_config, data.scenario.name)
     if folder is not None:
-        server_round = cast(int, msg.content.config_records[CONFIG]["server-round"])
         save_per_user(eval_file(folder, server_round), per_user)
     return _reply(msg, data, metrics)

@@ -4,12 +4,18 @@ Both live in one folder per scenario: ``<state-dir>`` for a client daemon (node 
 ``<run.dir>/clients/<scenario>/`` in a simulation. A resumed simulation (``run.resume`` =
 ``<old run>/checkpoints/round-N``) reads what it lacks from ``<old run>/clients/<scenario>/``.
 
+The private memory is written after every trained round: ``private.safetensors`` (the latest, what the
+service reads) and a copy per run and round, ``private/<run key>/round-NNNN.safetensors``, from which a
+client loads it (:func:`private_source`): each run starts from text alone and a resumed run continues
+from its resumed run's copy at the checkpoint's round, so it reproduces the uninterrupted run.
+
 The private file holds every ``memory.*`` parameter with the catalog's item ids, so it loads onto a
 changed catalog by id: items it does not know (new items) start from their text alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,6 +46,46 @@ def resumed_file(cfg: Config, path: Path, scenario: str) -> Path:
     if path.exists() or not cfg.run.resume:
         return path
     return Path(cfg.run.resume).resolve().parents[1] / "clients" / scenario / path.name
+
+
+def run_key(run_dir: str) -> str:
+    """The folder of one run's private copies: a hash of its run folder (``run.dir``, resolved), or
+    ``default`` for runs that name none."""
+    if not run_dir:
+        return "default"
+    return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def round_copy(path: Path, run_dir: str, server_round: int) -> Path:
+    """The copy of a private file kept after one trained round of one run:
+    ``<state>/private/<run key>/round-NNNN.safetensors``."""
+    return path.parent / "private" / run_key(run_dir) / f"round-{server_round:04d}.safetensors"
+
+
+def _latest_copy(folder: Path, upto: int) -> Path | None:
+    rounds = sorted((int(c.stem[6:]), c) for c in folder.glob("round-[0-9][0-9][0-9][0-9].safetensors"))
+    kept = [c for r, c in rounds if r <= upto]
+    return kept[-1] if kept else None
+
+
+def private_source(cfg: Config, path: Path, scenario: str, upto: int) -> Path | None:
+    """The private memory this client had after round ``upto`` of this run (training round r: r - 1;
+    evaluating round r: r): its latest copy of this run up to that round; in a resumed run without one,
+    the resumed run's latest copy up to the checkpoint's round (in this state folder, or in a simulation
+    in the resumed run's ``clients/<scenario>/``); None: text alone. A run never starts from another run's
+    memory, so a resumed run sees exactly the memory its uninterrupted run had."""
+    own = _latest_copy(round_copy(path, cfg.run.dir, 0).parent, upto)
+    if own is not None or not cfg.run.resume:
+        return own
+    checkpoint = Path(cfg.run.resume).resolve()
+    if not (checkpoint.name.startswith("round-") and checkpoint.name[6:].isdigit()):
+        return None
+    old_run = checkpoint.parents[1]
+    for folder in (path.parent, old_run / "clients" / scenario):
+        found = _latest_copy(folder / "private" / run_key(str(old_run)), min(upto, int(checkpoint.name[6:])))
+        if found is not None:
+            return found
+    return None
 
 
 def private_state(model: RecModel) -> dict[str, torch.Tensor]:

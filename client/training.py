@@ -84,14 +84,22 @@ class Batch:
 
 
 def make_batch(
-    data: LocalData, cfg: Config, users: np.ndarray, num_items: int, rng: np.random.Generator, recent: bool = False
+    data: LocalData,
+    cfg: Config,
+    users: np.ndarray,
+    num_items: int,
+    rng: np.random.Generator,
+    recent: bool = False,
+    per_user: bool = False,
 ) -> Batch:
     """Each user's window of ``model.history`` + 1 consecutive training items, ending at a random point
     (every position of a long sequence is a target in some window; a short sequence is taken whole) or,
     with ``recent``, at its end; its labels, and ``train.fresh-items`` distinct items per user: its
-    window's targets, topped up with random catalog items."""
+    window's targets, topped up with random catalog items. ``per_user`` (DP: each user's fresh items are
+    its only candidates in the fresh softmax) takes at least two, since a softmax over one has no gradient."""
     names, length = cfg.model.objective_names, cfg.model.history + 1
-    fresh_count = min(cfg.train.fresh_items, num_items)
+    wanted = max(cfg.train.fresh_items, 2) if per_user and cfg.train.fresh_items else cfg.train.fresh_items
+    fresh_count = min(wanted, num_items)
     windows, fresh = [], np.zeros((len(users), fresh_count), dtype=np.int64)
     labels = np.full((len(users), length, len(names)), np.nan, dtype=np.float32)
     for row, u in enumerate(users):
@@ -188,7 +196,7 @@ def train_round(
             users = sample_users(data, cfg, rng, poisson=privacy is not None)
             step_optimizer.zero_grad(set_to_none=True)
             if len(users):
-                batch = make_batch(data, cfg, users, model.num_items, rng)
+                batch = make_batch(data, cfg, users, model.num_items, rng, per_user=privacy is not None)
                 loss, parts = loss_fn(model, batch, text, cfg.train.aux_weight, shared=privacy is None)
                 loss.backward()
                 parts = {"loss": float(loss.detach()), **parts}

@@ -97,7 +97,7 @@ def step_times(cfg: Config, data: LocalData, repeats: int = 12) -> dict[str, flo
     model = build_model(cfg, data)
     text = model.text_table()
     rng = np.random.default_rng(cfg.train.seed)
-    batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
+    batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng, per_user=True)
     params = [p for p in model.parameters() if p.requires_grad]
     timed = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=cfg.privacy.epsilon or 8.0))
     ledger = plan(timed, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
@@ -130,7 +130,7 @@ def user_losses(model: RecModel, data: LocalData, cfg: Config, users: np.ndarray
     text = model.text_table()
     out = np.empty(len(users))
     for row, u in enumerate(users):
-        batch = make_batch(data, cfg, np.asarray([u]), model.num_items, rng, recent=True)
+        batch = make_batch(data, cfg, np.asarray([u]), model.num_items, rng, recent=True, per_user=True)
         out[row] = float(loss_fn(model, batch, text, cfg.train.aux_weight, shared=False)[0])
     return out
 

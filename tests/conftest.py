@@ -58,7 +58,7 @@ def tiny_cfg(tiny_encoder: str) -> Config:
         cfg,
         model=dataclasses.replace(cfg.model, encoder=tiny_encoder, head_hidden=16, history=8),
         lora=dataclasses.replace(cfg.lora, rank=4, alpha=8),
-        train=dataclasses.replace(cfg.train, local_steps=3, batch_size=8, negatives=3, threads=1),
+        train=dataclasses.replace(cfg.train, local_steps=3, batch_size=8, threads=1),
     )
 
 

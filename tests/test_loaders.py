@@ -151,7 +151,7 @@ def test_mind_sample_reproduces_the_popularity_and_zero_shot_anchors():
     cfg = Config()
     model = RecModel(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=64)))
     model.attach_catalog(imp.texts)
-    table = model.item_table()  # LoRA at init = the frozen encoder
+    table = model.text_table()  # LoRA at init = the frozen encoder
     scores = []
     for i in test:
         user = torch.nn.functional.normalize(table[imp.histories[i]].mean(0), dim=-1)

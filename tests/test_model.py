@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from client.training import build_model, prepare, train_round
 from shared.data import load_scenario
 from shared.model import RecModel, full_encoder_items, load_pretrained
+from shared.records import trainable_state
 
 
 def mean_pool(model, texts, cfg):
@@ -65,6 +66,11 @@ def test_only_adapters_user_model_and_head_are_trainable(tiny_cfg):
     top = {str(i) for i in range(3 - tiny_cfg.lora.layers, 3)}
     assert {n.split(".layer.")[1].split(".")[0] for n in lora} == top  # only the top layers
     assert {n.split(".")[-4] for n in lora} == {"query", "value"}
+    # a catalog brings the private memory: trainable, never among the shared (sent) weights
+    model.attach_catalog(TEXTS)
+    private = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("memory.")]
+    assert private == ["memory.residual.weight", "memory.bias.weight"]
+    assert set(trainable_state(model)) == set(names)
 
 
 def test_training_moves_trainables_and_leaves_frozen_weights_bit_identical(tiny_cfg, demo_dir):
@@ -78,7 +84,8 @@ def test_training_moves_trainables_and_leaves_frozen_weights_bit_identical(tiny_
     assert all(torch.equal(after[n], v) for n, v in frozen.items())
     moved = [n for n, v in trainable.items() if not torch.equal(after[n], v)]
     assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
-    assert any(n.startswith("head.towers.1") for n in moved)  # the satisfaction objective trains too
+    assert any(n.startswith("head.towers.0") for n in moved)  # the satisfaction objective (MMoE tower 0) trains too
+    assert any(n.startswith("user.") for n in moved) and any(n.startswith("memory.") for n in moved)
 
 
 def test_objective_without_labels_keeps_its_parameters_in_the_backward_pass(tiny_cfg, demo_dir):
@@ -86,7 +93,7 @@ def test_objective_without_labels_keeps_its_parameters_in_the_backward_pass(tiny
     model = build_model(tiny_cfg, data)
     train_round(model, data, tiny_cfg, server_round=1)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert grads["head.towers.1.weight"] is not None  # in the graph (with a zero-weighted loss)
+    assert grads["head.towers.0.weight"] is not None  # in the graph (with a zero-weighted loss)
 
 
 def test_lora_layers_beyond_depth_is_a_clear_error(tiny_cfg):

@@ -14,12 +14,13 @@ from opacus.accountants import RDPAccountant
 
 from client.app import train
 from client.privacy import DPSGD, LEDGER, Ledger, epsilon_of, ledger_path, open_ledger, plan
-from client.training import build_model, loss_fn, make_batch, prepare, sample_users, train_round
+from client.training import Batch, build_model, loss_fn, make_batch, prepare, sample_users, train_round
 from server.rounds import initial_weights
 from server.strategy import CrossrecFedAvg, expected_from
 from shared.config import Config
 from shared.data import load_scenario
-from shared.records import ARRAYS, CONFIG, INFO, METRICS, to_arrayrecord
+from shared.model import PRIVATE_PREFIX
+from shared.records import ARRAYS, CONFIG, INFO, METRICS, shared_parameters, to_arrayrecord
 
 pytestmark = pytest.mark.privacy
 
@@ -75,55 +76,113 @@ def test_dp_round_moves_lora_weights_and_records_nothing_itself(tiny_cfg, demo_d
     stats = train_round(model, data, cfg, 1, DPSGD(ledger, len(data.trainable_users)))
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n]
+    shared = [n for n in before if not n.startswith(PRIVATE_PREFIX)]
+    memory = [n for n in before if n.startswith(PRIVATE_PREFIX)]
     assert lora and all(not torch.equal(after[n], before[n]) for n in lora)
-    assert all(not torch.equal(after[n], before[n]) for n in before)
+    assert all(not torch.equal(after[n], before[n]) for n in shared)  # noise reaches every shared weight
+    assert memory and all(torch.equal(after[n], before[n]) for n in memory)  # the memory is frozen under DP
+    assert all(after[n].requires_grad for n in memory)  # and trainable again after the round
     assert stats["loss"] > 0 and ledger.steps == 0
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
 
 
 def test_clipped_noiseless_dp_steps_lower_the_loss_through_lora(tiny_cfg, demo_dir):
-    """Noise 0 makes DP-SGD clipped SGD: the loss on a fixed batch must fall, with LoRA alone trainable."""
-    cfg = private(tiny_cfg, local_steps=15)
+    """Noise 0 makes DP-SGD clipped SGD: the loss on a fixed batch must fall, with LoRA alone trainable (its
+    gradient comes from the fresh items' softmax; the full-catalog term reads the round's text table)."""
+    cfg = private(tiny_cfg, local_steps=15, fresh_items=4)  # under DP a user's softmax is over its own fresh items
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seq_dropout=0.0))  # deterministic
     data = prepare(load_scenario(demo_dir / "shop"), cfg)
     model = build_model(cfg, data)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
-    table = model.item_table()
+    text = model.text_table()
     rng = np.random.default_rng(0)
-    batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
+    users = sample_users(data, cfg, rng, poisson=False)
+    batch = make_batch(data, cfg, users, model.num_items, rng, per_user=True)
     ledger = dataclasses.replace(plan(cfg, "shop", 360, 360), noise_multiplier=0.0, max_grad_norm=0.5)
     params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    first = float(loss_fn(model, *batch, table, 0.5)[0])
-    with DPSGD(ledger, 360).attached(model, torch.optim.SGD(params, lr=2.0)) as optimizer:
+    model.train()  # per-sample hooks need training mode; no dropout: the loss is a function of the weights
+
+    def loss(table: torch.Tensor) -> tuple[float, float]:
+        with torch.no_grad():
+            total, parts = loss_fn(model, batch, table, 0.5, shared=False)
+            return float(total), parts["loss_fresh"]
+
+    first, first_fresh = loss(text)
+    with DPSGD(ledger, 360).attached(model, torch.optim.SGD(params, lr=5.0)) as optimizer:
         for _ in range(cfg.train.local_steps):
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(model, *batch, table, 0.5)[0].backward()
+            loss_fn(model, batch, text, 0.5, shared=False)[0].backward()
             optimizer.step()
-    assert float(loss_fn(model, *batch, table, 0.5)[0]) < first - 0.05
+    last, last_fresh = loss(text)  # the objective the steps minimised (measured: 7.29 -> 7.06)
+    assert last < first - 0.1 and last_fresh < first_fresh - 0.05
+    assert loss(model.text_table())[0] < first - 0.03  # a refreshed table lowers the full softmax too (7.22)
 
 
 def test_per_example_gradient_is_the_gradient_of_that_user_alone(tiny_cfg, demo_dir):
-    """The unit of privacy: user b's per-sample gradient equals the gradient of b's loss computed alone."""
-    data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
-    model = build_model(tiny_cfg, data)
-    table = model.item_table()
-    rng = np.random.default_rng(3)
-    history, target, labels, negatives = make_batch(
-        data, tiny_cfg, sample_users(data, tiny_cfg, rng, poisson=False), model.num_items, rng
+    """The unit of privacy: user b's per-sample gradient (its whole sequence: every position, its own fresh
+    items, the aux objective) equals the gradient of b's loss computed alone, for every shared trainable
+    parameter (LoRA, sequence encoder, head); the private memory takes part in the loss but is frozen."""
+    cfg = dataclasses.replace(
+        tiny_cfg,
+        model=dataclasses.replace(tiny_cfg.model, seq_dropout=0.0),  # training mode, but deterministic
+        train=dataclasses.replace(tiny_cfg.train, fresh_items=3),
     )
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    model = build_model(cfg, data)
+    assert model.memory is not None
+    with torch.no_grad():  # a non-zero memory, and a non-zero output layer, so every part is exercised
+        model.memory.residual.weight.normal_(0, 0.3)
+        model.memory.bias.weight.normal_(0, 1.0)
+        model.user.out.weight.normal_(0, 0.1)
+        for name, p in model.encoder.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.memory.requires_grad_(False)  # as train_round does under DP
+    text = model.text_table()
+    rng = np.random.default_rng(3)
+    users = sample_users(data, cfg, rng, poisson=False)[:6]
+    batch = make_batch(data, cfg, users, model.num_items, rng)
+    assert int((batch.seq >= 0).sum(1).min()) < batch.seq.shape[1]  # some sequences are left-padded
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(PRIVATE_PREFIX) for n in params)
+    assert any("lora_" in n for n in params) and any(n.startswith("user.") for n in params)
     model.train()
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    loss_fn(model, history, target, labels, negatives, table, 0.5)[0].backward()
+    loss_fn(model, batch, text, 0.5, shared=False)[0].backward()
     per_sample = {n: p.grad_sample.clone() for n, p in params.items()}
     wrapped._close()
-    for b in (0, 5):
+    assert all(g.shape[0] == len(users) for g in per_sample.values())
+    for b in range(len(users)):
         model.zero_grad(set_to_none=True)
         one = slice(b, b + 1)
-        loss_fn(model, history[one], target[one], labels[one], negatives[one], table, 0.5)[0].backward()
+        alone = Batch(batch.seq[one], batch.labels[one], batch.fresh[one])
+        loss_fn(model, alone, text, 0.5, shared=False)[0].backward()
         for n, p in params.items():
-            assert torch.allclose(per_sample[n][b], p.grad, atol=1e-6), n
+            assert p.grad is not None, n
+            torch.testing.assert_close(per_sample[n][b], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    moved = [n for n in params if per_sample[n].abs().sum() > 0]
+    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
+    assert any(n.startswith("user.blocks") for n in moved) and "head.similarity.weight" in moved
+
+
+def test_lora_learns_from_each_users_own_loss_with_the_default_fresh_items(tiny_cfg, demo_dir):
+    """Under DP a user's fresh-item softmax is over its own ``train.fresh-items`` items only, and it is the
+    adapters' only gradient (the full-catalog term reads a table without one): with one fresh item per
+    user that softmax has a single candidate, its loss is 0 and DP-SGD would move the adapters by noise
+    alone. The defaults must give the adapters a signal."""
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, seq_dropout=0.0))
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    model = build_model(cfg, data)
+    rng = np.random.default_rng(0)
+    batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
+    model.train()
+    loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
+    lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(g is not None for g in lora.values())
+    assert sum(float(g.abs().sum()) for g in lora.values() if g is not None) > 0, (
+        f"train.fresh-items = {cfg.train.fresh_items}: no adapter gradient under DP"
+    )
 
 
 def test_empty_poisson_batches_are_noise_only_steps(tiny_cfg, demo_dir):
@@ -132,13 +191,18 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny_cfg, demo_dir):
     rng = np.random.default_rng(0)
     assert sum(len(sample_users(data, cfg, rng, poisson=True)) == 0 for _ in range(12)) >= 3
     model = build_model(cfg, data)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = dict(shared_parameters(model))
+    before = {n: p.detach().clone() for n, p in before.items()}
     train_round(model, data, cfg, 1, DPSGD(plan(cfg, "news", 360, 360), 360))
-    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(not torch.equal(p, before[n]) for n, p in shared_parameters(model).items())
 
 
 def _context(cfg: Config, demo_dir, scenario: str, state_dir) -> Context:
-    node = {"scenario": scenario, "data-dir": str(demo_dir / scenario), "state-dir": str(state_dir)}
+    node: dict[str, bool | float | int | str] = {
+        "scenario": scenario,
+        "data-dir": str(demo_dir / scenario),
+        "state-dir": str(state_dir),
+    }
     return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_flat())
 
 
@@ -274,10 +338,12 @@ def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cf
     held = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in lora)]
     optimizer = torch.optim.AdamW(held, lr=1e-3)  # the LoRA weights are not in it
     ledger = plan(cfg, "shop", 360, 360)
+    assert model.memory is not None
+    model.memory.requires_grad_(False)  # as train_round does under DP
     with pytest.raises(RuntimeError, match="left trainable weights unchanged: .*lora_A"):
         with DPSGD(ledger, 360).attached(model, optimizer) as dp_optimizer:
             rng = np.random.default_rng(0)
             batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
             model.train()
-            loss_fn(model, *batch, model.item_table(), 0.5)[0].backward()
+            loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
             DPSGD.step(dp_optimizer, model)

@@ -1,0 +1,222 @@
+"""The scenario-private item memory: never in a reply, kept in the client's state folder across rounds and
+process restarts, loaded by item id onto a changed catalog, picked up by a resumed run at the checkpoint's
+round, and served with the checkpoint it belongs to."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from safetensors.torch import load_file
+from test_client import context
+
+import client.app
+from client.app import train
+from client.serving import Recommender, Request
+from client.state import PRIVATE_FILE, load_private, private_source, private_state, round_copy, save_private
+from client.training import build_model, prepare
+from server.rounds import initial_weights
+from server.strategy import expected_from
+from shared.checkpoint import save_checkpoint
+from shared.config import Config
+from shared.data import load_scenario
+from shared.model import PRIVATE_PREFIX, RecModel
+from shared.records import ARRAYS, CONFIG, from_arrayrecord, to_arrayrecord, trainable_state, validate_arrays
+
+
+def train_message(weights: dict[str, np.ndarray], server_round: int) -> Message:
+    content = RecordDict({ARRAYS: to_arrayrecord(weights), CONFIG: ConfigRecord({"server-round": server_round})})
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def test_memory_never_leaves_the_client_and_the_next_round_starts_from_it(tiny_cfg, demo_dir, tmp_path, monkeypatch):
+    assert tiny_cfg.model.item_memory
+    _, weights, _ = initial_weights(tiny_cfg)
+    expected = set(trainable_state(RecModel(tiny_cfg)))
+    assert set(weights) == expected and not any(k.startswith(PRIVATE_PREFIX) for k in expected)
+
+    started: list[dict[str, torch.Tensor]] = []  # the private memory each round starts training from
+    real_train_round = client.app.train_round
+
+    def spy(model, *args, **kwargs):
+        started.append(private_state(model))
+        return real_train_round(model, *args, **kwargs)
+
+    monkeypatch.setattr(client.app, "train_round", spy)
+    private = tmp_path / "run" / "clients" / "shop" / PRIVATE_FILE
+    replies = []
+    saved = []
+    for server_round in (1, 2):  # each call builds its model from scratch, as a new process would
+        out = train(train_message(weights, server_round), context(tiny_cfg, demo_dir, 0, tmp_path / "run"))
+        sent = from_arrayrecord(out.content.array_records[ARRAYS])
+        assert set(sent) == expected, set(sent) ^ expected
+        assert validate_arrays(sent, expected_from(weights)) == []  # what the server accepts
+        assert not any(k.startswith(PRIVATE_PREFIX) or "memory" in k for k in sent)
+        copy = round_copy(private, str(tmp_path / "run"), server_round)
+        assert private.is_file() and copy.is_file()
+        saved.append(load_file(str(private)))
+        assert saved[-1].keys() == {"memory.residual.weight", "memory.bias.weight"}
+        assert all(t.abs().sum() > 0 for t in saved[-1].values())  # it trained
+        torch.testing.assert_close(load_file(str(copy)), saved[-1], rtol=0, atol=0)
+        replies.append(sent)
+    assert all(t.abs().sum() == 0 for t in started[0].values())  # round 1: text alone
+    torch.testing.assert_close(started[1], saved[0], rtol=0, atol=0)  # round 2: exactly what round 1 kept
+    assert any(not torch.equal(saved[1][k], saved[0][k]) for k in saved[0])
+
+    # round 2 from zero (a client without the file) ends elsewhere, memory and shared weights alike
+    out = train(train_message(weights, 2), context(tiny_cfg, demo_dir, 0, tmp_path / "other"))
+    from_zero = load_file(str(tmp_path / "other" / "clients" / "shop" / PRIVATE_FILE))
+    assert any(not torch.equal(from_zero[k], saved[1][k]) for k in from_zero)
+    sent = from_arrayrecord(out.content.array_records[ARRAYS])
+    assert any(not np.array_equal(sent[k], replies[1][k]) for k in sent)
+
+
+def test_item_memory_needs_a_state_folder(tiny_cfg, demo_dir):
+    _, weights, _ = initial_weights(tiny_cfg)
+    with pytest.raises(ValueError, match="needs a place for the client's private state"):
+        train(train_message(weights, 1), context(tiny_cfg, demo_dir, 0))
+
+
+def random_memory(model: RecModel, seed: int) -> None:
+    assert model.memory is not None
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.memory.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+
+
+def test_private_state_survives_a_restart_and_loads_by_item_id(tiny_cfg, demo_dir, tmp_path):
+    data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    random_memory(model, 0)
+    ids, texts = data.scenario.item_ids, data.scenario.texts
+    path = tmp_path / "state" / PRIVATE_FILE
+    save_private(model, path, "shop", ids)
+
+    restarted = build_model(tiny_cfg, data)  # a brand-new model from the same config: memory at zero
+    assert all(p.abs().sum() == 0 for p in private_state(restarted).values())
+    assert load_private(restarted, path, ids) == len(ids)
+    saved = private_state(model)
+    for name, value in private_state(restarted).items():
+        assert torch.equal(value, saved[name]), name
+    assert torch.equal(restarted.item_table()[0], model.item_table()[0])
+    assert torch.equal(restarted.item_table()[1], model.item_table()[1])
+
+    # a changed catalog: item 3 removed, one new item, and the order reversed: rows follow the ids
+    keep = [i for i in range(len(ids)) if i != 3][::-1]
+    new_ids = ["shop-new", *[ids[i] for i in keep]]
+    new_texts = ["deluxe hiking tent set for sale", *[texts[i] for i in keep]]
+    changed = RecModel(tiny_cfg)
+    changed.attach_catalog(new_texts)
+    assert load_private(changed, path, new_ids) == len(ids) - 1
+    assert changed.memory is not None and model.memory is not None
+    for new_row, old_row in enumerate([None, *keep]):
+        for table, old in ((changed.memory.residual, model.memory.residual), (changed.memory.bias, model.memory.bias)):
+            want = torch.zeros_like(old.weight[0]) if old_row is None else old.weight[old_row]
+            assert torch.equal(table.weight[new_row], want), (new_row, old_row)
+
+    # a file that is not a private state is an error naming it; a model without a memory writes nothing
+    path.with_name("bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors is unreadable"):
+        load_private(changed, path.with_name("bad.safetensors"), new_ids)
+    plain = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, item_memory=False))
+    without = build_model(plain, data)
+    assert without.memory is None and not private_state(without)
+    save_private(without, tmp_path / "none" / PRIVATE_FILE, "shop", ids)
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_run_starts_from_text_alone_and_a_resumed_run_from_the_checkpoints_round(tiny_cfg, tmp_path):
+    """Which private copy a client loads: its own run's, up to the round it needs; a resumed run's, up to
+    the checkpoint's round; never another run's (in a simulation each run has its folder, a client daemon
+    keeps every run in one state folder)."""
+    old, new = tmp_path / "runs" / "old", tmp_path / "runs" / "new"
+
+    def cfg_for(run, resume=None):
+        flat = tiny_cfg.to_flat() | {"run.dir": str(run)}
+        if resume is not None:
+            flat |= {"run.resume": str(old / "checkpoints" / f"round-{resume:04d}")}
+        return Config.from_run_config(flat)
+
+    def touch(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        return path
+
+    mine = old / "clients" / "news" / PRIVATE_FILE
+    first, third = touch(round_copy(mine, str(old), 1)), touch(round_copy(mine, str(old), 3))
+    touch(mine)
+    assert private_source(cfg_for(old), mine, "news", 0) is None  # training round 1: text alone
+    assert private_source(cfg_for(old), mine, "news", 1) == first  # training round 2, evaluating round 1
+    assert private_source(cfg_for(old), mine, "news", 2) == first  # the latest round it trained, up to 2
+    assert private_source(cfg_for(old), mine, "news", 5) == third
+
+    theirs = new / "clients" / "news" / PRIVATE_FILE
+    assert private_source(cfg_for(new), theirs, "news", 4) is None  # a new run: not the old run's memory
+    assert private_source(cfg_for(new, resume=2), theirs, "news", 2) == first  # resumed after round 2
+    assert private_source(cfg_for(new, resume=3), theirs, "news", 3) == third
+    assert private_source(cfg_for(new, resume=3), theirs, "news", 9) == third  # not past the checkpoint
+    own = touch(round_copy(theirs, str(new), 4))
+    assert private_source(cfg_for(new, resume=3), theirs, "news", 4) == own  # its own copies once written
+
+    daemon = tmp_path / "state" / PRIVATE_FILE  # one state folder for every run
+    kept = touch(round_copy(daemon, str(old), 1))
+    touch(round_copy(daemon, str(tmp_path / "another"), 2))
+    touch(daemon)
+    assert private_source(cfg_for(new), daemon, "news", 3) is None
+    assert private_source(cfg_for(new, resume=1), daemon, "news", 1) == kept
+    assert private_source(cfg_for(new, resume=2), daemon, "news", 2) == kept
+
+
+def test_serving_uses_the_private_memory_of_the_checkpoints_run(tiny_cfg, demo_dir, tmp_path):
+    data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # a non-trivial shared model
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        assert model.memory is not None
+        model.memory.residual.weight.normal_(0, 0.5)
+        model.memory.bias.weight.normal_(0, 3.0)
+    weights = trainable_state(model)
+    with_memory = save_checkpoint(tmp_path / "with", 1, weights, tiny_cfg, {})
+    text_alone = save_checkpoint(tmp_path / "without", 1, weights, tiny_cfg, {})
+    save_private(model, tmp_path / "with" / "clients" / "video" / PRIVATE_FILE, "video", data.scenario.item_ids)
+    # another scenario's file in the run folder is not this scenario's memory
+    save_private(model, tmp_path / "without" / "clients" / "video" / PRIVATE_FILE, "shop", data.scenario.item_ids)
+
+    cache = tmp_path / "cache"
+    served = Recommender(with_memory, [demo_dir / "video"], cache)
+    plain = Recommender(text_alone, [demo_dir / "video"], cache)  # no file for video: text alone, no error
+    assert len(list(cache.glob("*.safetensors"))) == 2  # one cache entry each: the memory is in the key
+    mine, theirs = served.catalogs["video"], plain.catalogs["video"]
+    table, bias = model.item_table()
+    torch.testing.assert_close(mine.table, table, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mine.bias, bias, rtol=0, atol=0)
+    text = model.text_table()
+    torch.testing.assert_close(theirs.table, text, rtol=0, atol=1e-6)
+    assert theirs.bias.abs().sum() == 0
+    assert not torch.allclose(mine.table, theirs.table, atol=1e-3)
+
+    request = Request(scenario="video", user_id="video-user-0004", k=20)
+    got = [data.scenario.item_ids.index(r["item_id"]) for r in served.recommend(request)]
+    alone = [data.scenario.item_ids.index(r["item_id"]) for r in plain.recommend(request)]
+    assert got != alone
+    rows = torch.from_numpy(mine.histories["video-user-0004"][-tiny_cfg.model.history :])
+    with torch.no_grad():
+        user = model.user_from_vectors(table[rows])  # the history read through the memory too
+        expected = torch.argsort(model.scores(user, table, bias)[0], descending=True)[:20].tolist()
+        user_text = model.user_from_vectors(text[rows])
+        expected_alone = torch.argsort(model.scores(user_text, text, torch.zeros_like(bias))[0], descending=True)
+    assert got == expected
+    assert alone == expected_alone[:20].tolist()
+
+    # a client's state folder given to the service is read before the run folder
+    state = tmp_path / "state"
+    save_private(model, state / PRIVATE_FILE, "video", data.scenario.item_ids)
+    again = Recommender(text_alone, [demo_dir / "video"], state_dirs=[state])
+    torch.testing.assert_close(again.catalogs["video"].bias, bias, rtol=0, atol=0)
