@@ -142,7 +142,7 @@ def test_per_example_gradient_is_the_gradient_of_that_user_alone(tiny_cfg, demo_
     text = model.text_table()
     rng = np.random.default_rng(3)
     users = sample_users(data, cfg, rng, poisson=False)[:6]
-    batch = make_batch(data, cfg, users, model.num_items, rng)
+    batch = make_batch(data, cfg, users, model.num_items, rng, per_user=True)
     assert int((batch.seq >= 0).sum(1).min()) < batch.seq.shape[1]  # some sequences are left-padded
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith(PRIVATE_PREFIX) for n in params)
@@ -167,22 +167,33 @@ def test_per_example_gradient_is_the_gradient_of_that_user_alone(tiny_cfg, demo_
 
 
 def test_lora_learns_from_each_users_own_loss_with_the_default_fresh_items(tiny_cfg, demo_dir):
-    """Under DP a user's fresh-item softmax is over its own ``train.fresh-items`` items only, and it is the
-    adapters' only gradient (the full-catalog term reads a table without one): with one fresh item per
-    user that softmax has a single candidate, its loss is 0 and DP-SGD would move the adapters by noise
-    alone. The defaults must give the adapters a signal."""
+    """Under DP a user's fresh-item softmax is over its own fresh items only, and it is the adapters' only
+    gradient (the full-catalog term reads a table without one): with one fresh item per user that softmax
+    has a single candidate, its loss is 0 and DP-SGD would move the adapters by noise alone. DP batches
+    (``per_user``) take at least two, whatever ``train.fresh-items`` (> 0) says."""
     cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, seq_dropout=0.0))
     data = prepare(load_scenario(demo_dir / "shop"), cfg)
     model = build_model(cfg, data)
-    rng = np.random.default_rng(0)
-    batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
+    text = model.text_table()
     model.train()
-    loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
-    lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
-    assert lora and all(g is not None for g in lora.values())
-    assert sum(float(g.abs().sum()) for g in lora.values() if g is not None) > 0, (
-        f"train.fresh-items = {cfg.train.fresh_items}: no adapter gradient under DP"
-    )
+    users = sample_users(data, cfg, np.random.default_rng(0), poisson=False)
+    for fresh in (cfg.train.fresh_items, 1):  # the default, and the smallest setting
+        rng = np.random.default_rng(0)
+        batch = make_batch(data, with_fresh(cfg, fresh), users, model.num_items, rng, per_user=True)
+        assert batch.fresh.shape == (len(users), max(2, fresh))
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch, text, 0.5, shared=False)[0].backward()
+        lora_b = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # (lora_A's is 0 while B = 0)
+        assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b), f"train.fresh-items = {fresh}"
+    single = make_batch(data, with_fresh(cfg, 1), users, model.num_items, np.random.default_rng(0))
+    assert single.fresh.shape == (len(users), 1)  # shared candidates (no DP): one per user is enough
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, single, text, 0.5, shared=False)[0].backward()  # what per_user avoids: no adapter gradient
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def with_fresh(cfg: Config, fresh: int) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fresh_items=fresh))
 
 
 def test_empty_poisson_batches_are_noise_only_steps(tiny_cfg, demo_dir):
