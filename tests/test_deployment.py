@@ -207,7 +207,8 @@ def full_run(federation: Federation, cfg: Config) -> Path:
     run_dir = federation.root / "run-full"
     if not (run_dir / "checkpoints/round-0002").is_dir():
         log = federation.root / "submit-full.out"
-        proc = federation.submit(log, run_overrides(cfg, **{"fed.rounds": 2, "run.dir": str(run_dir)}))
+        extra: dict[str, bool | int | float | str] = {"fed.rounds": 2, "run.dir": str(run_dir)}
+        proc = federation.submit(log, run_overrides(cfg, **extra))
         assert finished(proc, log) == 0, log.read_text()[-3000:]
         assert "completed" in log.read_text()
     return run_dir
