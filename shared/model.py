@@ -198,7 +198,7 @@ class MultiObjectiveHead(nn.Module):
         """Logits (B, C, K) of users (B, D) against items shared by all (C, D) or each user's own (B, C, D)."""
         if items.dim() == 2:
             items = items[None].expand(users.shape[0], -1, -1)
-        cosine = (items @ users[..., None])  # (B, C, 1)
+        cosine = items @ users[..., None]  # (B, C, 1)
         return torch.cat([self.similarity(cosine), self.pairs(users[:, None].expand_as(items), items)], dim=-1)
 
     @torch.no_grad()

@@ -96,6 +96,13 @@ def parse_sources(text: str) -> list[Source]:
     return sources
 
 
+def convert(sources: Sequence[Source], data_root: Path, data_dir: Path, lenient: bool = False) -> None:
+    """Each public dataset as a canonical scenario folder ``data_dir/NAME`` (the data directory is only read)."""
+    for src in sources:
+        scenario, stamps = load_public(src.fmt, data_root / src.path, name=src.name, lenient=lenient)
+        write_scenario(data_dir / src.name, scenario, stamps)
+
+
 def parse_epsilons(text: str) -> list[float]:
     """``"1,4,8"`` -> [1.0, 4.0, 8.0]; each must be > 0."""
     try:
@@ -232,9 +239,7 @@ def benchmark(
         ]
     progress = Progress(1 + len(wanted))
     progress.begin(f"converting {len(sources)} scenarios from {data_root} into {data_dir}")
-    for src in sources:
-        scenario, stamps = load_public(src.fmt, data_root / src.path, name=src.name, lenient=cfg.data.lenient)
-        write_scenario(data_dir / src.name, scenario, stamps)
+    convert(sources, data_root, data_dir, lenient=cfg.data.lenient)
     datasets = load_datasets(data_dir, cfg)
 
     timings: dict[str, float] = {}

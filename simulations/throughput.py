@@ -23,11 +23,9 @@ import torch
 
 from client.training import Batch, build_model, loss_fn, make_batch, round_rng, sample_users
 from shared.config import Config
-from shared.data import write_scenario
-from shared.loaders import load_public
 from shared.model import RecModel
 
-from .benchmark import DEFAULT_DATA, DEFAULT_RUN_CONFIG, parse_sources
+from .benchmark import DEFAULT_DATA, DEFAULT_RUN_CONFIG, convert, parse_sources
 from .simulate import load_datasets, parse_overrides
 
 
@@ -93,9 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     cfg = Config.from_run_config({**DEFAULT_RUN_CONFIG, **parse_overrides(args.run_config)})
     results = {}
-    for src in parse_sources(args.scenarios):
-        scenario, stamps = load_public(src.fmt, Path(args.data) / src.path, name=src.name)
-        write_scenario(out / "data" / src.name, scenario, stamps)
+    sources = parse_sources(args.scenarios)
+    convert(sources, Path(args.data), out / "data")
+    for src in sources:
         results[src.name] = measure(cfg, out / "data", src.name, args.steps)
     lines = ["scenario     items  step s  positions  pos/s  encoder  sequence  loss"]
     for name, r in results.items():

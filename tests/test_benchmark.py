@@ -260,3 +260,66 @@ def test_amazon_zero_shot_anchor_through_the_fast_evaluation():
     assert out["test.hr@10"] == pytest.approx(0.0734, abs=0.002)
     assert out["test.ndcg@10"] == pytest.approx(0.0334, abs=0.002)
     assert out["test.mrr"] == pytest.approx(0.0274, abs=0.002)
+
+
+def test_a_newcomer_gets_the_shared_weights_and_no_private_memory(tiny_cfg, demo_dir, tmp_path):
+    """Transfer evaluation: the checkpoint of the initial weights on a scenario it never saw scores every user
+    exactly as the untrained model (LoRA, sequence encoder and head at init: the frozen encoder's zero-shot;
+    no item memory); a checkpoint trained elsewhere, whose trainer's memory moved, changes the scores
+    through its shared weights alone."""
+    from client.evaluation import PerUser, evaluate, load_per_user, per_user_file
+    from client.training import build_model, prepare, train_round
+    from shared.checkpoint import save_checkpoint
+    from shared.data import load_scenario
+    from shared.records import trainable_state
+    from simulations.transfer import newcomer_rows
+
+    shop, video = (prepare(load_scenario(demo_dir / n), tiny_cfg) for n in ("shop", "video"))
+    model = build_model(tiny_cfg, shop)
+    save_checkpoint(tmp_path / "fed", 1, trainable_state(model), tiny_cfg, {})
+    train_round(model, shop, tiny_cfg, 1)
+    assert model.memory is not None and model.memory.residual.weight.abs().sum() > 0  # trained, never shipped
+    save_checkpoint(tmp_path / "fed", 2, trainable_state(model), tiny_cfg, {})
+
+    untrained: PerUser = {}
+    metrics = evaluate(build_model(tiny_cfg, video), video, tiny_cfg, per_user=untrained)
+    rows = newcomer_rows(tiny_cfg, video, tmp_path / "fed", 2, tmp_path / "transfer")
+    assert [r["round"] for r in rows] == [1, 2] and {r["reference"] for r in rows} == {"transfer"}
+    assert rows[0]["test"] == {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("test.")}
+    first = load_per_user(per_user_file(tmp_path / "transfer", "video", 1))
+    second = load_per_user(per_user_file(tmp_path / "transfer", "video", 2))
+    for key in ("test.ndcg@10", "valid.ndcg@10"):
+        np.testing.assert_array_equal(first[key], untrained[key])
+    assert not np.array_equal(second["test.ndcg@10"], untrained["test.ndcg@10"])
+
+
+def test_transfer_arguments_are_checked_before_anything_is_written(tmp_path):
+    from simulations.transfer import transfer
+
+    with pytest.raises(ValueError, match="at least two scenarios"):
+        transfer(tmp_path, "movies", runs_dir=tmp_path / "runs")
+    with pytest.raises(ValueError, match="'books'"):
+        transfer(tmp_path, "movies,news", runs_dir=tmp_path / "runs", held="books")
+    with pytest.raises(FileNotFoundError, match="data directory"):
+        transfer(tmp_path / "missing", "movies,news", runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.integration
+def test_transfer_end_to_end_on_fixture_files(tiny_cfg, tmp_path):
+    """Leave news out: a real Flower run on movies + ecommerce, each round's checkpoint evaluated on news."""
+    from simulations.transfer import main
+
+    data = write_public_fixtures(tmp_path / "data")
+    overrides = tiny_overrides(tiny_cfg)
+    main(["--data", str(data), "--runs-dir", str(tmp_path / "runs"), "--held-out", "news", "--run-config", overrides])
+    (run,) = (tmp_path / "runs").glob("transfer-*")
+    result = json.loads((run / "transfer.json").read_text())
+    (news,) = result["results"]
+    assert news["held_out"] == "news" and news["trained_on"] == ["movies", "ecommerce"] and news["metric"] == "auc"
+    assert set(news["rounds"]) == {"1", "2"} and news["shipped_round"] in (1, 2)
+    for values in news["rounds"].values():
+        p = values["paired"]
+        assert 0.0 <= values["test"] <= 1.0 and p["lo"] <= p["diff"] <= p["hi"] and p["n"] > 0
+    assert "| news | movies, ecommerce | auc |" in (run / "report.md").read_text()
+    assert not (run / "without-movies").exists()
