@@ -335,15 +335,17 @@ def finish(
     timings: dict[str, float],
     cpu: dict[str, float],
     notes: list[str],
+    folders: dict[str, Path] | None = None,
 ) -> Path:
-    """Select rounds on validation, write metrics.jsonl and the outputs, point ``benchmark-latest`` here."""
+    """Select rounds on validation, write metrics.jsonl and the outputs, point ``benchmark-latest`` here.
+    ``folders``: where each reference's per-user values are (default: ``run_dir/REFERENCE``)."""
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     selected = {}
     for reference in references:
         own = [r for r in rows if r["reference"] == reference]
         selected[reference] = {str(r["scenario"]): r for r in own} if own[0]["round"] == 0 else select_rounds(own)
     notes = [*notes, *goal_notes(summary(selected))]
-    folders = {r: run_dir / r for r in references}
+    folders = {r: run_dir / r for r in references} | (folders or {})
     result = write_outputs(run_dir, rows, selected, timings, notes, {"cpu_seconds": cpu, "notes": notes}, folders)
     latest = runs_dir.resolve() / "benchmark-latest"
     tmp_link = latest.with_name(".benchmark-latest-tmp")
@@ -368,6 +370,7 @@ def merge(parts: Sequence[str | os.PathLike[str]], runs_dir: str | os.PathLike[s
     rows: list[Row] = []
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
+    folders: dict[str, Path] = {}
     config = None
     for part in map(Path, parts):
         own = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
@@ -375,6 +378,8 @@ def merge(parts: Sequence[str | os.PathLike[str]], runs_dir: str | os.PathLike[s
         if clash:
             raise ValueError(f"{part}: references {sorted(clash)} are already in an earlier part")
         rows += own
+        for reference in {str(r["reference"]) for r in own}:  # per-user values stay in the part
+            folders[reference] = part if (part / "clients").is_dir() else part / reference
         if not (part / "summary.json").is_file():  # a stopped benchmark or a Flower run folder: rows only
             continue
         result = json.loads((part / "summary.json").read_text())
@@ -391,4 +396,4 @@ def merge(parts: Sequence[str | os.PathLike[str]], runs_dir: str | os.PathLike[s
     run_dir = (Path(runs_dir) / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}-merged").resolve()
     run_dir.mkdir(parents=True)
     notes = [config, "merged from " + ", ".join(str(Path(p).resolve()) for p in parts)]
-    return finish(run_dir, Path(runs_dir), rows, references, timings, cpu, notes)
+    return finish(run_dir, Path(runs_dir), rows, references, timings, cpu, notes, folders)

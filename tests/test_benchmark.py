@@ -4,6 +4,7 @@ real Flower simulation; plus its pieces (pooling, round selection, argument pars
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,9 +138,13 @@ def test_benchmark_end_to_end_on_fixture_files(tiny_cfg, tmp_path, capsys):
         (tmp_path / name / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows if r["reference"] in keep)
         )
+        for reference in keep:  # each part keeps its references' per-user values
+            shutil.copytree(run / reference, tmp_path / name / reference)
     merged = merge([run / "federated", tmp_path / "part-a", tmp_path / "part-b"], runs)
     again = json.loads((merged / "summary.json").read_text())
     assert again["scenarios"] == summary["scenarios"] and again["selected_round"] == summary["selected_round"]
+    assert set(summary["paired"]["ecommerce"]) == {f"federated - {r}" for r in refs | {"sasrec"} if r != "federated"}
+    assert again["paired"] == summary["paired"]  # read from the parts' per-user values
     assert (runs / "benchmark-latest").resolve() == merged
     with pytest.raises(ValueError, match="already in an earlier part"):
         merge([tmp_path / "part-a", tmp_path / "part-a"], runs)
