@@ -54,6 +54,11 @@ def paired_intervals(
     return out
 
 
+def verdict(p: dict[str, Any]) -> str:
+    """What a paired difference with its 95 % interval (``lo``, ``hi``) lets one claim."""
+    return "better" if p["lo"] > 0 else "worse" if p["hi"] < 0 else "within noise"
+
+
 def paired_table(paired: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """Markdown table of paired differences with their 95 % intervals and what they let one claim."""
     lines = [
@@ -62,10 +67,9 @@ def paired_table(paired: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     ]
     for name, comparisons in paired.items():
         for what, p in comparisons.items():
-            verdict = "better" if p["lo"] > 0 else "worse" if p["hi"] < 0 else "within noise"
             lines.append(
                 f"| {name} | {what} | {p['metric']} | {p['diff']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] "
-                f"| {p['n']} | {verdict} |"
+                f"| {p['n']} | {verdict(p)} |"
             )
     return lines
 

@@ -31,6 +31,7 @@ from shared.records import load_trainable
 
 from .benchmark import DEFAULT_DATA, DEFAULT_RUN_CONFIG, DEFAULT_SCENARIOS, convert, parse_sources
 from .references import Row, evaluated, primary_metric, select_rounds, zero_shot_rows
+from .report import verdict
 from .simulate import federated_rows, load_datasets, parse_overrides
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,10 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     ]
     for r in results:
         p = r["rounds"][str(r["shipped_round"])]["paired"]
-        verdict = "better" if p["lo"] > 0 else "worse" if p["hi"] < 0 else "within noise"
         lines.append(
             f"| {r['held_out']} | {', '.join(r['trained_on'])} | {r['metric']} | {r['zero_shot']['test']:.4f} | "
             + " | ".join(f"{r['rounds'][str(i)]['test']:.4f}" for i in range(1, rounds + 1))
-            + f" | {r['shipped_round']} | {p['diff']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] | {verdict} |"
+            + f" | {r['shipped_round']} | {p['diff']:+.4f} | [{p['lo']:+.4f}, {p['hi']:+.4f}] | {verdict(p)} |"
         )
     return lines
 

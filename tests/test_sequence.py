@@ -33,6 +33,11 @@ def randomise(model: RecModel, seed: int = 0) -> None:
                 p.copy_(0.3 * torch.randn(p.shape, generator=generator))
 
 
+def unit_vectors(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    """Random unit vectors along the last dimension (item vectors of the tiny encoder's width)."""
+    return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+
 @pytest.fixture()
 def video(tiny_cfg, demo_dir):
     data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
@@ -46,19 +51,19 @@ def video(tiny_cfg, demo_dir):
 def test_output_at_t_ignores_every_later_item(video):
     _, model = video
     generator = torch.Generator().manual_seed(1)
-    items = F.normalize(torch.randn(3, 8, 32, generator=generator), dim=-1)
+    items = unit_vectors(generator, 3, 8, 32)
     mask = torch.ones(3, 8, dtype=torch.bool)
     out = model.user(items, mask)
     assert out.shape == (3, 8, 32)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3, 8))
     for t in range(7):
         changed = items.clone()
-        changed[:, t + 1 :] = F.normalize(torch.randn(3, 7 - t, 32, generator=generator), dim=-1)
+        changed[:, t + 1 :] = unit_vectors(generator, 3, 7 - t, 32)
         again = model.user(changed, mask)
         torch.testing.assert_close(again[:, : t + 1], out[:, : t + 1], rtol=0, atol=1e-6)
         assert not torch.allclose(again[:, t + 1 :], out[:, t + 1 :], atol=1e-3)  # later outputs do see them
     earlier = items.clone()
-    earlier[:, 0] = F.normalize(torch.randn(3, 32, generator=generator), dim=-1)
+    earlier[:, 0] = unit_vectors(generator, 3, 32)
     assert not torch.allclose(model.user(earlier, mask)[:, -1], out[:, -1], atol=1e-3)  # the last sees all
 
 
@@ -66,7 +71,7 @@ def test_output_at_t_ignores_every_later_item(video):
 def test_padded_positions_do_not_change_real_outputs(video):
     _, model = video
     generator = torch.Generator().manual_seed(2)
-    items = F.normalize(torch.randn(2, 8, 32, generator=generator), dim=-1)
+    items = unit_vectors(generator, 2, 8, 32)
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[0, :5] = False  # 3 real items, left-padded
     mask[1, :1] = False
