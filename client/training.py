@@ -178,10 +178,13 @@ def train_round(
     rng = round_rng(cfg, data.scenario.name, server_round)
     if privacy is not None and model.memory is not None:
         model.memory.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    memory = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(PRIVATE_PREFIX)]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX)]
+    lora = [p for n, p in named if "lora_" in n]
     groups: list[dict[str, Any]] = [
-        {"params": [p for p in params if all(p is not m for m in memory)]},
+        {"params": [p for n, p in named if not n.startswith(PRIVATE_PREFIX) and "lora_" not in n]},
+        {"params": lora, "lr": cfg.train.lora_lr},
         {"params": memory, "lr": cfg.train.memory_lr},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -95,6 +95,7 @@ class TrainConfig:
     fresh_items: int = 1  # per user: items of its sequence encoded fresh through LoRA (the adapters' gradient)
     table_refresh: int = 0  # steps between refreshes of the item table; 0 = once per round
     lr: float = 0.001
+    lora_lr: float = 0.001  # learning rate of the LoRA adapters
     memory_lr: float = 0.0003  # learning rate of the private item memory
     weight_decay: float = 0.0
     aux_weight: float = 0.5  # weight of every non-ranking objective's loss
@@ -108,7 +109,7 @@ class TrainConfig:
         for key in ("fresh_items", "table_refresh", "threads"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be >= 0")
-        for key in ("lr", "memory_lr"):
+        for key in ("lr", "lora_lr", "memory_lr"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be a finite number > 0")
         if self.weight_decay < 0 or self.aux_weight < 0:

@@ -291,6 +291,7 @@ class RecModel(nn.Module):
         self.memory: ItemMemory | None = None
         self._prefix: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
+        self._table: tuple[list[torch.Tensor], torch.Tensor] | None = None  # (adapter weights, text table)
 
     @property
     def bert(self) -> PreTrainedModel:
@@ -301,6 +302,7 @@ class RecModel(nn.Module):
         ``model.item-memory`` a fresh (zero) item memory for this catalog."""
         if not texts:
             raise ValueError("the catalog is empty")
+        self._table = None
         self._prefix, self._mask = frozen_prefix(
             self.cfg.model.encoder, self.cfg.model.max_length, self.frozen_layers, tuple(texts)
         )
@@ -368,9 +370,19 @@ class RecModel(nn.Module):
 
     @torch.no_grad()
     def text_table(self, batch_size: int = 256) -> torch.Tensor:
-        """All catalog text vectors (N, H) through the LoRA layers, no gradient."""
+        """All catalog text vectors (N, H) through the LoRA layers (encoder in eval mode: no dropout), no
+        gradient. Kept until the adapters' weights change: with frozen or unchanged adapters a round's
+        table costs nothing."""
+        adapters = [p.detach().clone() for n, p in self.encoder.named_parameters() if "lora_" in n]
+        if self._table is not None and all(torch.equal(a, b) for a, b in zip(adapters, self._table[0], strict=True)):
+            return self._table[1]
+        was_training = self.encoder.training
+        self.encoder.eval()
         index = torch.arange(self.num_items)
-        return torch.cat([self.encode_items(index[s : s + batch_size]) for s in range(0, len(index), batch_size)])
+        table = torch.cat([self.encode_items(index[s : s + batch_size]) for s in range(0, len(index), batch_size)])
+        self.encoder.train(was_training)
+        self._table = (adapters, table)
+        return table
 
     @torch.no_grad()
     def item_table(self) -> tuple[torch.Tensor, torch.Tensor]:

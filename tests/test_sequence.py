@@ -162,7 +162,7 @@ def test_all_positions_loss_equals_the_per_position_losses_one_at_a_time(tiny_cf
 
 def test_train_round_reports_item_cosine_and_the_item_space_does_not_collapse(tiny_cfg, demo_dir):
     """Mean pairwise cosine of the item table (measured on the tiny encoder, demo shop: 0.946 at init,
-    0.944 after 3 default steps, 0.940 after 25; a deliberately collapsing run, train.lr = 1.0: 0.998).
+    0.944 after 3 default steps, 0.940 after 25; a deliberately collapsing run, train.lr = train.lora-lr = 1.0: 0.998).
     The tiny random BERT's texts already share most of their direction, so the bound is halfway from
     the initial value to 1 (0.973) rather than a fixed margin."""
     data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
@@ -176,7 +176,7 @@ def test_train_round_reports_item_cosine_and_the_item_space_does_not_collapse(ti
     assert stats["item_cosine"] == pytest.approx(mean_pairwise_cosine(after), abs=1e-9)
     assert stats["item_cosine"] < bound, (init, bound, stats["item_cosine"])
 
-    collapsing = with_train(tiny_cfg, lr=1.0, fresh_items=1)
+    collapsing = with_train(tiny_cfg, lr=1.0, lora_lr=1.0, fresh_items=1)
     model = build_model(collapsing, data)
     assert mean_pairwise_cosine(model.item_table()[0]) == pytest.approx(init, abs=1e-9)
     stats = train_round(model, data, collapsing, server_round=1)
@@ -190,3 +190,23 @@ def test_mean_pairwise_cosine_by_hand():
     assert mean_pairwise_cosine(vectors) == pytest.approx(np.mean(pairs))
     assert mean_pairwise_cosine(torch.ones(5, 3)) == pytest.approx(1.0)
     assert mean_pairwise_cosine(vectors[:1]) == 0.0
+
+
+def test_text_table_is_recomputed_exactly_when_the_adapters_change(video):
+    _, model = video
+    model.train()  # dropout on in the model: the table is still the eval-mode one
+    first = model.text_table()
+    assert model.encoder.training
+    model.eval()
+    index = torch.arange(model.num_items)
+    fresh = torch.cat([model.encode_items(index[s : s + 5]) for s in range(0, len(index), 5)])
+    torch.testing.assert_close(first, fresh)
+    assert model.text_table() is first  # adapters unchanged: the kept table
+    lora = next(p for n, p in model.encoder.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora.add_(0.5)
+    changed = model.text_table()
+    assert changed is not first and not torch.allclose(changed, first)
+    with torch.no_grad():
+        lora.sub_(0.5)
+    torch.testing.assert_close(model.text_table(), first)
