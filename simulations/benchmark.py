@@ -103,6 +103,30 @@ def convert(sources: Sequence[Source], data_root: Path, data_dir: Path, lenient:
         write_scenario(data_dir / src.name, scenario, stamps)
 
 
+def plan_run(
+    kind: str,
+    data: str | os.PathLike[str] | None,
+    sources: Sequence[Source],
+    run_config: str,
+    runs_dir: str | os.PathLike[str],
+) -> tuple[Path, Path, dict[str, bool | int | float | str], Config]:
+    """The public data folder, a new run folder ``RUNS/KIND-TIMESTAMP`` (not created yet), the run-config
+    overrides (the benchmark's defaults, then ``run_config``, then this run's converted data and all its
+    scenarios as clients) and the config they give, validated: nothing is written before it is."""
+    data_root = Path(data) if data is not None else DEFAULT_DATA
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"data directory {data_root} not found (pass --data DIR)")
+    run_dir = (Path(runs_dir) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    overrides: dict[str, bool | int | float | str] = {
+        **DEFAULT_RUN_CONFIG,
+        **parse_overrides(run_config),
+        "data.dir": str(run_dir / "data"),
+        "data.scenarios": ",".join(s.name for s in sources),
+        "fed.min-clients": len(sources),
+    }
+    return data_root, run_dir, overrides, Config.from_run_config({**Config().to_flat(), **overrides})
+
+
 def parse_epsilons(text: str) -> list[float]:
     """``"1,4,8"`` -> [1.0, 4.0, 8.0]; each must be > 0."""
     try:
@@ -210,23 +234,12 @@ def benchmark(
     are computed, so both cores stay busy; otherwise one reference after another (then each reference's
     CPU seconds are its own)."""
     started, load_start = time.time(), os.getloadavg()
-    data_root = Path(data) if data is not None else DEFAULT_DATA
-    if not data_root.is_dir():
-        raise FileNotFoundError(f"data directory {data_root} not found (pass --data DIR)")
     unknown = [r for r in references if r not in REFERENCES]
     if unknown:
         raise ValueError(f"unknown references {unknown} (known: {', '.join(REFERENCES)})")
     sources = parse_sources(scenarios)
-    run_dir = (Path(runs_dir) / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    data_root, run_dir, overrides, cfg = plan_run("benchmark", data, sources, run_config, runs_dir)
     data_dir = run_dir / "data"
-    overrides: dict[str, bool | int | float | str] = {
-        **DEFAULT_RUN_CONFIG,
-        **parse_overrides(run_config),
-        "data.dir": str(data_dir),
-        "data.scenarios": ",".join(s.name for s in sources),
-        "fed.min-clients": len(sources),
-    }
-    cfg = Config.from_run_config({**Config().to_flat(), **overrides})  # validate before anything is written
     if concurrent and "federated" in references and not cfg.train.threads:
         # beside the simulation's one-thread clients: torch's default (all cores) oversubscribes the CPU and
         # stalls its threads (zero_shot measured 1,392 s wall this way on 2 cores)

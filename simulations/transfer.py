@@ -29,10 +29,10 @@ from shared.files import atomic_write_text
 from shared.metrics import paired_bootstrap
 from shared.records import load_trainable
 
-from .benchmark import DEFAULT_DATA, DEFAULT_RUN_CONFIG, DEFAULT_SCENARIOS, convert, parse_sources
+from .benchmark import DEFAULT_SCENARIOS, convert, parse_sources, plan_run
 from .references import Row, evaluated, primary_metric, select_rounds, zero_shot_rows
 from .report import verdict
-from .simulate import federated_rows, load_datasets, parse_overrides
+from .simulate import federated_rows, load_datasets
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,7 @@ def transfer(
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         raise ValueError(f"--held-out {held!r}: {unknown} not among --scenarios {scenarios!r}")
-    data_root = Path(data) if data is not None else DEFAULT_DATA
-    if not data_root.is_dir():
-        raise FileNotFoundError(f"data directory {data_root} not found (pass --data DIR)")
-    run_dir = (Path(runs_dir) / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    overrides: dict[str, Any] = {
-        **DEFAULT_RUN_CONFIG,
-        **parse_overrides(run_config),
-        "data.dir": str(run_dir / "data"),
-        "data.scenarios": ",".join(names),
-    }
-    cfg = Config.from_run_config({**Config().to_flat(), **overrides})  # validate before anything is written
+    data_root, run_dir, overrides, cfg = plan_run("transfer", data, sources, run_config, runs_dir)
     run_dir.mkdir(parents=True, exist_ok=False)
     convert(sources, data_root, run_dir / "data", lenient=cfg.data.lenient)
     datasets = load_datasets(run_dir / "data", cfg)
