@@ -200,11 +200,12 @@ def goal_notes(result: dict[str, Any]) -> list[str]:
             notes.append(f"{name} {reference} {metric} {value:.4f} vs {target} ({what}): {verdict}")
     for name, refs in scenarios.items():
         metric = "auc" if "auc" in refs.get("popularity", refs.get("federated", {})) else "ndcg@10"
-        if "federated" in refs and "local" in refs:
+        if "federated" in refs and "local" in refs:  # met only when the paired interval is above 0
             fed, loc = refs["federated"][metric], refs["local"][metric]
-            notes.append(
-                f"{name}: federated {metric} {fed:.4f} vs local {loc:.4f}: {'met' if fed >= loc else 'missed'}"
-            )
+            p = result.get("paired", {}).get(name, {}).get("federated - local")
+            paired = f", paired {p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p else ", no paired interval"
+            verdict = "met" if p is not None and p["lo"] > 0 else "missed"
+            notes.append(f"{name}: federated {metric} {fed:.4f} vs local {loc:.4f}{paired}: {verdict}")
     fed_vs_central = [
         refs["federated"]["auc" if "auc" in refs["federated"] else "ndcg@10"]
         / refs["centralized"]["auc" if "auc" in refs["federated"] else "ndcg@10"]

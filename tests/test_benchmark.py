@@ -328,3 +328,22 @@ def test_transfer_end_to_end_on_fixture_files(tiny_cfg, tmp_path):
         assert 0.0 <= values["test"] <= 1.0 and p["lo"] <= p["diff"] <= p["hi"] and p["n"] > 0
     assert "| news | movies, ecommerce | auc |" in (run / "report.md").read_text()
     assert not (run / "without-movies").exists()
+
+
+def test_federated_beats_local_only_with_the_paired_interval_above_zero():
+    from simulations.benchmark import goal_notes
+
+    def result(lo: float) -> dict:
+        refs = {"federated": {"auc": 0.64}, "local": {"auc": 0.63}, "popularity": {"auc": 0.6}}
+        return {
+            "scenarios": {"news": refs},
+            "paired": {"news": {"federated - local": {"diff": 0.01, "lo": lo, "hi": 0.03}}},
+        }
+
+    assert (
+        goal_notes(result(-0.01))[-1]
+        == "news: federated auc 0.6400 vs local 0.6300, paired +0.0100 [-0.0100, +0.0300]: missed"
+    )
+    assert goal_notes(result(0.002))[-1].endswith("[+0.0020, +0.0300]: met")
+    no_pairs = {"scenarios": result(0.0)["scenarios"]}
+    assert goal_notes(no_pairs)[-1] == "news: federated auc 0.6400 vs local 0.6300, no paired interval: missed"
