@@ -31,7 +31,7 @@ from shared.files import atomic_write_text
 from shared.loaders import PUBLIC_FORMATS, load_public
 
 from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
-from .report import paired_table, summary, write_outputs
+from .report import paired_intervals, paired_table, summary, write_outputs
 from .sasrec import SASRecSettings, sasrec_rows
 from .simulate import APP_DIR, federated_rows, load_datasets, parse_overrides, print_table
 
@@ -358,9 +358,11 @@ def finish(
     for reference in references:
         own = [r for r in rows if r["reference"] == reference]
         selected[reference] = {str(r["scenario"]): r for r in own} if own[0]["round"] == 0 else select_rounds(own)
-    notes = [*notes, *goal_notes(summary(selected))]
     folders = {r: run_dir / r for r in references} | (folders or {})
-    result = write_outputs(run_dir, rows, selected, timings, notes, {"cpu_seconds": cpu, "notes": notes}, folders)
+    paired = paired_intervals(selected, folders)
+    notes = [*notes, *goal_notes(summary(selected) | {"paired": paired})]
+    extra = {"cpu_seconds": cpu, "notes": notes, "paired": paired}
+    result = write_outputs(run_dir, rows, selected, timings, notes, extra)
     latest = runs_dir.resolve() / "benchmark-latest"
     tmp_link = latest.with_name(".benchmark-latest-tmp")
     tmp_link.unlink(missing_ok=True)
