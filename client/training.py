@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from shared.config import Config
 from shared.data import Scenario, Split, leave_one_out
-from shared.model import PRIVATE_PREFIX, RecModel, mean_pairwise_cosine
+from shared.model import ADAPTER_MARK, PRIVATE_PREFIX, RecModel, mean_pairwise_cosine
 
 from .privacy import DPSGD
 
@@ -181,9 +181,10 @@ def train_round(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX)]
-    lora = [p for n, p in named if "lora_" in n]
+    lora = [p for n, p in named if ADAPTER_MARK in n]
+    rest = [p for n, p in named if not n.startswith(PRIVATE_PREFIX) and ADAPTER_MARK not in n]
     groups: list[dict[str, Any]] = [
-        {"params": [p for n, p in named if not n.startswith(PRIVATE_PREFIX) and "lora_" not in n]},
+        {"params": rest},
         {"params": lora, "lr": cfg.train.lora_lr},
         {"params": memory, "lr": cfg.train.memory_lr},
     ]

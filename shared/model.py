@@ -261,6 +261,7 @@ def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
 
 
 PRIVATE_PREFIX = "memory."  # parameters of the scenario-private item memory: never sent
+ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter parameter (peft's naming)
 
 
 class RecModel(nn.Module):
@@ -373,7 +374,7 @@ class RecModel(nn.Module):
         """All catalog text vectors (N, H) through the LoRA layers (encoder in eval mode: no dropout), no
         gradient. Kept until the adapters' weights change: with frozen or unchanged adapters a round's
         table costs nothing."""
-        adapters = [p.detach().clone() for n, p in self.encoder.named_parameters() if "lora_" in n]
+        adapters = [p.detach().clone() for n, p in self.encoder.named_parameters() if ADAPTER_MARK in n]
         if self._table is not None and all(torch.equal(a, b) for a, b in zip(adapters, self._table[0], strict=True)):
             return self._table[1]
         was_training = self.encoder.training

@@ -31,7 +31,7 @@ from shared.files import atomic_write_text
 from shared.loaders import PUBLIC_FORMATS, load_public
 
 from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
-from .report import paired_intervals, paired_table, summary, write_outputs
+from .report import paired_intervals, paired_table, summary, verdict, write_outputs
 from .sasrec import SASRecSettings, sasrec_rows
 from .simulate import APP_DIR, federated_rows, load_datasets, parse_overrides, print_table
 
@@ -196,16 +196,16 @@ def goal_notes(result: dict[str, Any]) -> list[str]:
     for name, reference, metric, target, what in GOALS:
         value = scenarios.get(name, {}).get(reference, {}).get(metric)
         if value is not None:
-            verdict = "met" if value >= target else f"missed by {target - value:.4f} ({value / target:.0%} of it)"
-            notes.append(f"{name} {reference} {metric} {value:.4f} vs {target} ({what}): {verdict}")
+            outcome = "met" if value >= target else f"missed by {target - value:.4f} ({value / target:.0%} of it)"
+            notes.append(f"{name} {reference} {metric} {value:.4f} vs {target} ({what}): {outcome}")
     for name, refs in scenarios.items():
         metric = "auc" if "auc" in refs.get("popularity", refs.get("federated", {})) else "ndcg@10"
         if "federated" in refs and "local" in refs:  # met only when the paired interval is above 0
             fed, loc = refs["federated"][metric], refs["local"][metric]
             p = result.get("paired", {}).get(name, {}).get("federated - local")
             paired = f", paired {p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p else ", no paired interval"
-            verdict = "met" if p is not None and p["lo"] > 0 else "missed"
-            notes.append(f"{name}: federated {metric} {fed:.4f} vs local {loc:.4f}{paired}: {verdict}")
+            outcome = "met" if p is not None and verdict(p) == "better" else "missed"
+            notes.append(f"{name}: federated {metric} {fed:.4f} vs local {loc:.4f}{paired}: {outcome}")
     fed_vs_central = [
         refs["federated"]["auc" if "auc" in refs["federated"] else "ndcg@10"]
         / refs["centralized"]["auc" if "auc" in refs["federated"] else "ndcg@10"]
