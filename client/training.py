@@ -172,12 +172,13 @@ def train_round(
     model: RecModel, data: LocalData, cfg: Config, server_round: int, privacy: DPSGD | None = None
 ) -> dict[str, float]:
     """``train.local-steps`` optimiser steps on sequences (loss at every position): plain ones, or (when
-    ``privacy`` is given) DP-SGD steps on per-user losses, with the item memory frozen (it is trained
-    without DP only). The text table is refreshed at round start and every ``train.table-refresh`` steps.
+    ``privacy`` is given) DP-SGD steps on per-user losses, with :meth:`RecModel.catalog_parts` (item
+    memory, text adaptor) frozen. The text table is refreshed at round start and every ``train.table-refresh`` steps.
     Returns the mean losses, the positions trained on and the item space's mean pairwise cosine."""
     rng = round_rng(cfg, data.scenario.name, server_round)
-    if privacy is not None and model.memory is not None:
-        model.memory.requires_grad_(False)
+    if privacy is not None:
+        for part in model.catalog_parts():
+            part.requires_grad_(False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX)]
@@ -214,8 +215,8 @@ def train_round(
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + (value if key == "positions" else value / cfg.train.local_steps)
     model.eval()
-    if model.memory is not None:
-        model.memory.requires_grad_(True)
+    for part in model.catalog_parts():
+        part.requires_grad_(True)
     totals["positions_per_second"] = totals.get("positions", 0.0) / (time.perf_counter() - started)
     totals["item_cosine"] = mean_pairwise_cosine(model.item_table()[0])
     return totals

@@ -40,6 +40,7 @@ class ModelConfig:
     seq_dropout: float = 0.2  # dropout in the sequence encoder (training only)
     scale: float = 20.0  # initial scale a of the ranking logit a * cos(user, item) (learned; 1 / temperature)
     item_memory: bool = True  # scenario-private per-item residual + output bias, trained locally, never sent
+    text_adaptor: bool = True  # shared linear map of every text vector (identity at start), trained on the full catalog
     head_experts: int = 4  # MMoE experts shared by the non-ranking objectives
     head_hidden: int = 64  # width of the MMoE's projections and experts
     objectives: str = "engagement,satisfaction"  # first one is the ranking objective

@@ -4,13 +4,14 @@ head, and a scenario-private item memory.
 Text vector = L2-normalised mean-pooled top-layer output of the item text. The frozen layers below the
 LoRA layers never change, so their output for every catalog text is computed once and cached
 (:func:`frozen_prefix`); training and scoring run only the top layers on that cache. Item vector =
-unit(text vector + the item's private residual) with ``model.item-memory``, the text vector without.
+unit(A(text vector) + the item's private residual), where A is the shared text adaptor (a linear map,
+identity at start, with ``model.text-adaptor``) and the residual exists with ``model.item-memory``.
 
 User vectors = a SASRec-style causal self-attention encoder over the user's item vectors (one per
 position). Ranking logit = a * cos(user, item) + the item's private bias; every other objective comes
 from an MMoE over (user, item) pairs.
 
-Shared (trainable, sent to the server): LoRA adapters, sequence encoder, head. Private (trainable, never
+Shared (trainable, sent to the server): LoRA adapters, text adaptor, sequence encoder, head. Private (trainable, never
 sent): the item memory (``memory.*``). Everything else is frozen.
 """
 
@@ -289,6 +290,11 @@ class RecModel(nn.Module):
         m = cfg.model
         self.user = SequenceEncoder(dim, m.seq_dim, m.seq_layers, m.seq_heads, m.seq_dropout, m.history)
         self.head = MultiObjectiveHead(dim, m.head_hidden, m.head_experts, len(m.objective_names), m.scale)
+        self.adaptor: nn.Linear | None = None
+        if m.text_adaptor:  # every item of the catalog passes through it at every step: a dense gradient
+            self.adaptor = nn.Linear(dim, dim)
+            nn.init.eye_(self.adaptor.weight)
+            nn.init.zeros_(self.adaptor.bias)
         self.memory: ItemMemory | None = None
         self._prefix: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -357,11 +363,19 @@ class RecModel(nn.Module):
         return vectors if index.dim() == 2 else vectors[:, 0]
 
     def item_vectors(self, text: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Item vectors from text vectors (..., H) of catalog items ``index`` (...): unit(text + private
-        residual) with an item memory, the text vectors themselves without one."""
-        if self.memory is None:
+        """Item vectors from text vectors (..., H) of catalog items ``index`` (...): unit(adaptor(text) +
+        private residual); without an adaptor the text itself, without an item memory no residual."""
+        if self.adaptor is None and self.memory is None:
             return text
-        return F.normalize(text + self.memory.residual(index), dim=-1)
+        vectors = text if self.adaptor is None else self.adaptor(text)
+        if self.memory is not None:
+            vectors = vectors + self.memory.residual(index)
+        return F.normalize(vectors, dim=-1)
+
+    def catalog_parts(self) -> list[nn.Module]:
+        """The trainable parts applied to the whole catalog's table (item memory, text adaptor): their
+        gradient is no single user's, so DP-SGD keeps them frozen (they are trained without DP only)."""
+        return [part for part in (self.memory, self.adaptor) if part is not None]
 
     def item_bias(self, index: torch.Tensor) -> torch.Tensor:
         """The private output bias of catalog items ``index`` (...) -> (...); zeros without a memory."""

@@ -58,10 +58,11 @@ def test_packed_rows_of_items_equal_items_encoded_one_by_one(tiny_cfg, demo_dir)
     torch.testing.assert_close(packed[2], full, atol=1e-5, rtol=1e-5)
 
 
-def test_only_adapters_user_model_and_head_are_trainable(tiny_cfg):
+def test_only_adapters_text_adaptor_user_model_and_head_are_trainable(tiny_cfg):
     model = RecModel(tiny_cfg)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert names and all(("lora_" in n) or n.startswith(("user.", "head.")) for n in names)
+    assert names and all(("lora_" in n) or n.startswith(("adaptor.", "user.", "head.")) for n in names)
+    assert {"adaptor.weight", "adaptor.bias"} <= set(names)
     lora = [n for n in names if "lora_" in n]
     top = {str(i) for i in range(3 - tiny_cfg.lora.layers, 3)}
     assert {n.split(".layer.")[1].split(".")[0] for n in lora} == top  # only the top layers
@@ -86,6 +87,27 @@ def test_training_moves_trainables_and_leaves_frozen_weights_bit_identical(tiny_
     assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
     assert any(n.startswith("head.towers.0") for n in moved)  # the satisfaction objective (MMoE tower 0) trains too
     assert any(n.startswith("user.") for n in moved) and any(n.startswith("memory.") for n in moved)
+    assert "adaptor.weight" in moved
+
+
+@torch.no_grad()
+def test_text_adaptor_starts_as_identity_and_maps_every_item(tiny_cfg, demo_dir):
+    """At initialisation the adaptor changes nothing (item vectors = the text vectors: the zero-shot model);
+    a changed adaptor changes every item vector, fresh or from the table, in the same way."""
+    data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    text = model.text_table()
+    vectors, _ = model.item_table()
+    torch.testing.assert_close(vectors, text, atol=1e-6, rtol=0)
+    assert model.adaptor is not None
+    model.adaptor.weight.normal_(0, 0.3)
+    index = torch.arange(10)
+    mapped = model.item_vectors(model.encode_items(index), index)
+    expected = F.normalize(text[:10] @ model.adaptor.weight.T + model.adaptor.bias, dim=-1)
+    torch.testing.assert_close(mapped, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.item_table()[0][:10], expected, atol=1e-5, rtol=1e-5)
+    off = RecModel(dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, text_adaptor=False)))
+    assert off.adaptor is None and not any(n.startswith("adaptor.") for n, _ in off.named_parameters())
 
 
 def test_objective_without_labels_keeps_its_parameters_in_the_backward_pass(tiny_cfg, demo_dir):

@@ -76,12 +76,13 @@ def test_dp_round_moves_lora_weights_and_records_nothing_itself(tiny_cfg, demo_d
     stats = train_round(model, data, cfg, 1, DPSGD(ledger, len(data.trainable_users)))
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n]
-    shared = [n for n in before if not n.startswith(PRIVATE_PREFIX)]
-    memory = [n for n in before if n.startswith(PRIVATE_PREFIX)]
+    table = [n for n in before if n.startswith((PRIVATE_PREFIX, "adaptor."))]  # act on the whole catalog
+    shared = [n for n in before if n not in table]
     assert lora and all(not torch.equal(after[n], before[n]) for n in lora)
-    assert all(not torch.equal(after[n], before[n]) for n in shared)  # noise reaches every shared weight
-    assert memory and all(torch.equal(after[n], before[n]) for n in memory)  # the memory is frozen under DP
-    assert all(after[n].requires_grad for n in memory)  # and trainable again after the round
+    assert all(not torch.equal(after[n], before[n]) for n in shared)  # noise reaches every other weight
+    assert {n.split(".")[0] for n in table} == {"memory", "adaptor"}
+    assert all(torch.equal(after[n], before[n]) for n in table)  # memory and adaptor are frozen under DP
+    assert all(after[n].requires_grad for n in table)  # and trainable again after the round
     assert stats["loss"] > 0 and ledger.steps == 0
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
 
@@ -122,7 +123,8 @@ def test_clipped_noiseless_dp_steps_lower_the_loss_through_lora(tiny_cfg, demo_d
 def test_per_example_gradient_is_the_gradient_of_that_user_alone(tiny_cfg, demo_dir):
     """The unit of privacy: user b's per-sample gradient (its whole sequence: every position, its own fresh
     items, the aux objective) equals the gradient of b's loss computed alone, for every shared trainable
-    parameter (LoRA, sequence encoder, head); the private memory takes part in the loss but is frozen."""
+    parameter (LoRA, sequence encoder, head); the private memory and the text adaptor take part in the loss
+    but are frozen."""
     cfg = dataclasses.replace(
         tiny_cfg,
         model=dataclasses.replace(tiny_cfg.model, seq_dropout=0.0),  # training mode, but deterministic
@@ -138,14 +140,15 @@ def test_per_example_gradient_is_the_gradient_of_that_user_alone(tiny_cfg, demo_
         for name, p in model.encoder.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    model.memory.requires_grad_(False)  # as train_round does under DP
+    for part in model.catalog_parts():  # as train_round does under DP: memory and text adaptor frozen
+        part.requires_grad_(False)
     text = model.text_table()
     rng = np.random.default_rng(3)
     users = sample_users(data, cfg, rng, poisson=False)[:6]
     batch = make_batch(data, cfg, users, model.num_items, rng, per_user=True)
     assert int((batch.seq >= 0).sum(1).min()) < batch.seq.shape[1]  # some sequences are left-padded
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert not any(n.startswith(PRIVATE_PREFIX) for n in params)
+    assert not any(n.startswith((PRIVATE_PREFIX, "adaptor.")) for n in params)
     assert any("lora_" in n for n in params) and any(n.startswith("user.") for n in params)
     model.train()
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -205,7 +208,9 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny_cfg, demo_dir):
     before = dict(shared_parameters(model))
     before = {n: p.detach().clone() for n, p in before.items()}
     train_round(model, data, cfg, 1, DPSGD(plan(cfg, "news", 360, 360), 360))
-    assert all(not torch.equal(p, before[n]) for n, p in shared_parameters(model).items())
+    frozen = {n for n, _ in model.named_parameters() if n.startswith("adaptor.")}  # a catalog part: frozen under DP
+    assert frozen and all(torch.equal(p, before[n]) for n, p in shared_parameters(model).items() if n in frozen)
+    assert all(not torch.equal(p, before[n]) for n, p in shared_parameters(model).items() if n not in frozen)
 
 
 def _context(cfg: Config, demo_dir, scenario: str, state_dir) -> Context:
@@ -350,7 +355,8 @@ def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cf
     optimizer = torch.optim.AdamW(held, lr=1e-3)  # the LoRA weights are not in it
     ledger = plan(cfg, "shop", 360, 360)
     assert model.memory is not None
-    model.memory.requires_grad_(False)  # as train_round does under DP
+    for part in model.catalog_parts():  # as train_round does under DP: memory and text adaptor frozen
+        part.requires_grad_(False)
     with pytest.raises(RuntimeError, match="left trainable weights unchanged: .*lora_A"):
         with DPSGD(ledger, 360).attached(model, optimizer) as dp_optimizer:
             rng = np.random.default_rng(0)
