@@ -144,7 +144,13 @@ def loss_fn(
     index = torch.arange(text.shape[0])
     table, bias = model.item_vectors(text, index), model.item_bias(index)  # (N, H), (N,)
     users = model.user(table[inputs.clamp(min=0)], mask)  # (B, T, H): one user vector per position
-    full = F.cross_entropy(model.scores(users, table, bias).transpose(1, 2), targets.clamp(min=0), reduction="none")
+    if shared:  # the real positions only: short sequences' windows are mostly padding
+        full = users.new_zeros(valid.shape).masked_scatter(
+            valid, F.cross_entropy(model.scores(users[valid], table, bias), targets[valid], reduction="none")
+        )
+    else:  # DP: per-sample gradients need the user dimension first in every layer
+        logits = model.scores(users, table, bias).transpose(1, 2)
+        full = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
     per_user = (full * valid).sum(1) / valid.sum(1).clamp(min=1)
     parts = {"loss_rank": float(per_user.detach().mean())}
     if batch.fresh.shape[1]:

@@ -157,6 +157,8 @@ def test_all_positions_loss_equals_the_per_position_losses_one_at_a_time(tiny_cf
         expected.append(float(got))
     assert labelled_any  # the aux term was really compared
     assert float(total) == pytest.approx(float(np.mean(expected)), abs=1e-5)  # the batch loss: mean over users
+    # the DP path (every position scored, padding masked out) gives the same loss as the packed one
+    assert float(loss_fn(model, batch, text, weight, shared=False)[0]) == pytest.approx(float(total), abs=1e-5)
     assert parts["positions"] == sum((batch.seq[r] >= 0).sum().item() - 1 for r in range(len(users)))
 
 
