@@ -53,7 +53,7 @@ class Catalog:
     scenario: Scenario
     index: dict[str, int]  # item id -> row
     histories: dict[str, np.ndarray]  # user id -> item rows, oldest first
-    table: torch.Tensor  # (N, H) item vectors (text + the scenario's private residual, when it has one)
+    table: torch.Tensor  # (N, H) item vectors (RecModel.item_vectors: adapted text + private residual, if any)
     bias: torch.Tensor  # (N,) the scenario's private output biases (zeros without its memory)
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # head's per-item features
     values: torch.Tensor | None  # (N,) item values
