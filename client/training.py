@@ -27,6 +27,10 @@ class LocalData:
     split: Split
     trainable_users: np.ndarray  # users with >= 2 training items (a history and a target)
     num_examples: int  # training positions: (history, next item) pairs in the training split
+    # Pooled data (the centralized reference): item ranges [lo, hi) of each original catalog and each
+    # user's range: a position's softmax covers its own catalog only. Empty: one catalog.
+    catalogs: tuple[tuple[int, int], ...] = ()
+    user_catalog: np.ndarray | None = None
 
 
 def prepare(scenario: Scenario, cfg: Config) -> LocalData:
@@ -81,6 +85,8 @@ class Batch:
     seq: torch.Tensor  # (B, T+1) item indices
     labels: torch.Tensor  # (B, T+1, K) objective labels, nan = none (objective 0: 1 for every real item)
     fresh: torch.Tensor  # (B, C) distinct items per user encoded fresh through LoRA: its targets first
+    catalog: torch.Tensor | None = None  # (B,) each user's catalog (LocalData.catalogs) when pooled
+    catalogs: tuple[tuple[int, int], ...] = ()
 
 
 def make_batch(
@@ -118,7 +124,9 @@ def make_batch(
             chosen = np.concatenate([chosen, extra[~np.isin(extra, chosen)]])[:fresh_count]
             chosen = np.asarray(list(dict.fromkeys(chosen.tolist())), dtype=np.int64)
         fresh[row] = chosen
-    return Batch(history_tensor(windows, length), torch.from_numpy(labels), torch.from_numpy(fresh))
+    catalog = None if data.user_catalog is None else torch.from_numpy(data.user_catalog[users])
+    seq = history_tensor(windows, length)
+    return Batch(seq, torch.from_numpy(labels), torch.from_numpy(fresh), catalog, data.catalogs)
 
 
 def loss_fn(
@@ -144,13 +152,24 @@ def loss_fn(
     index = torch.arange(text.shape[0])
     table, bias = model.item_vectors(text, index), model.item_bias(index)  # (N, H), (N,)
     users = model.user(table[inputs.clamp(min=0)], mask)  # (B, T, H): one user vector per position
-    if shared:  # the real positions only: short sequences' windows are mostly padding
-        full = users.new_zeros(valid.shape).masked_scatter(
-            valid, F.cross_entropy(model.scores(users[valid], table, bias), targets[valid], reduction="none")
-        )
+    catalogs = batch.catalogs or ((0, len(index)),)
+    catalog = batch.catalog if batch.catalog is not None else torch.zeros(len(inputs), dtype=torch.long)
+    if shared:  # the real positions only (short sequences' windows are mostly padding), each on its catalog
+        full = users.new_zeros(valid.shape)
+        for c, (lo, hi) in enumerate(catalogs):
+            at = valid & (catalog == c)[:, None]
+            if bool(at.any()):
+                logits = model.scores(users[at], table[lo:hi], bias[lo:hi])
+                full = full.masked_scatter(at, F.cross_entropy(logits, targets[at] - lo, reduction="none"))
     else:  # DP: per-sample gradients need the user dimension first in every layer
-        logits = model.scores(users, table, bias).transpose(1, 2)
-        full = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+        logits = model.scores(users, table, bias).transpose(1, 2)  # (B, N, T)
+        first = torch.tensor([r[0] for r in catalogs])[catalog]  # (B,) each user's catalog: [first, end)
+        end = torch.tensor([r[1] for r in catalogs])[catalog]
+        if len(catalogs) > 1:
+            outside = (index[None] < first[:, None]) | (index[None] >= end[:, None])  # (B, N)
+            logits = logits.masked_fill(outside[..., None], float("-inf"))
+        padded_target = torch.where(targets >= 0, targets, first[:, None])  # inside the catalog: a finite loss, masked
+        full = F.cross_entropy(logits, padded_target, reduction="none")
     per_user = (full * valid).sum(1) / valid.sum(1).clamp(min=1)
     parts = {"loss_rank": float(per_user.detach().mean())}
     if batch.fresh.shape[1]:
@@ -224,8 +243,23 @@ def train_round(
     for part in model.catalog_parts():
         part.requires_grad_(True)
     totals["positions_per_second"] = totals.get("positions", 0.0) / (time.perf_counter() - started)
-    totals["item_cosine"] = mean_pairwise_cosine(model.item_table()[0])
+    totals["item_cosine"] = item_space_cosine(model, rng)
     return totals
+
+
+COSINE_SAMPLE = 1024  # items whose mean pairwise cosine stands for the item space's
+
+
+def item_space_cosine(model: RecModel, rng: np.random.Generator) -> float:
+    """Mean pairwise cosine of the item vectors (text through the current adapters, adaptor, memory) of
+    the whole catalog or, above ``COSINE_SAMPLE`` items, of a random sample of that many (an unbiased
+    estimate at a fraction of a catalog encoding: the collapse check of every round)."""
+    n = model.num_items
+    index = torch.arange(n)
+    if n > COSINE_SAMPLE:
+        index = torch.from_numpy(np.sort(rng.choice(n, COSINE_SAMPLE, replace=False)))
+    with torch.no_grad():
+        return mean_pairwise_cosine(model.item_vectors(model.encode_catalog(index), index))
 
 
 def build_model(cfg: Config, data: LocalData) -> RecModel:

@@ -17,8 +17,10 @@ sent): the item memory (``memory.*``). Everything else is frozen.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import hashlib
 from pathlib import Path
 from typing import cast
 
@@ -72,17 +74,27 @@ def load_pretrained(name: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel
 def frozen_prefix(
     encoder: str, max_length: int, frozen_layers: int, texts: tuple[str, ...], batch_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states after the first ``frozen_layers`` layers for every text: (N, L, H) and mask (N, L)."""
+    """Hidden states after the first ``frozen_layers`` layers for every text: (N, L, H) and mask (N, L).
+
+    Texts go through in batches of similar length, each cut to its longest text (the states of real tokens
+    do not depend on the padding after them; padding positions are left at zero and masked everywhere)."""
     tokenizer, model = load_pretrained(encoder)
     tokens = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    states = []
+    mask = tokens["attention_mask"]
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    states = torch.zeros(len(texts), max_length, int(model.config.hidden_size))
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            ids = tokens["input_ids"][start : start + batch_size]
-            mask = tokens["attention_mask"][start : start + batch_size]
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            states.append(out.hidden_states[frozen_layers])
-    return torch.cat(states), tokens["attention_mask"]
+            rows = order[start : start + batch_size]
+            length = int(lengths[rows].max())
+            out = model(
+                input_ids=tokens["input_ids"][rows, :length],
+                attention_mask=mask[rows, :length],
+                output_hidden_states=True,
+            )
+            states[rows, :length] = out.hidden_states[frozen_layers]
+    return states, mask
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -261,6 +273,10 @@ def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
     return float((unit.sum(0).square().sum() - n) / (n * (n - 1)))
 
 
+_TEXT_TABLES: collections.OrderedDict[tuple[str, str], torch.Tensor] = collections.OrderedDict()
+TEXT_TABLES_KEPT = 4  # text tables kept per process (a federated client process serves a few scenarios)
+
+
 PRIVATE_PREFIX = "memory."  # parameters of the scenario-private item memory: never sent
 ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter parameter (peft's naming)
 
@@ -298,7 +314,7 @@ class RecModel(nn.Module):
         self.memory: ItemMemory | None = None
         self._prefix: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
-        self._table: tuple[list[torch.Tensor], torch.Tensor] | None = None  # (adapter weights, text table)
+        self._catalog = ""  # digest of (encoder, max length, frozen layers, texts): the text tables' key
 
     @property
     def bert(self) -> PreTrainedModel:
@@ -309,7 +325,10 @@ class RecModel(nn.Module):
         ``model.item-memory`` a fresh (zero) item memory for this catalog."""
         if not texts:
             raise ValueError("the catalog is empty")
-        self._table = None
+        digest = hashlib.sha256(repr((self.cfg.model.encoder, self.cfg.model.max_length, self.cfg.lora)).encode())
+        for text in texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        self._catalog = digest.hexdigest()
         self._prefix, self._mask = frozen_prefix(
             self.cfg.model.encoder, self.cfg.model.max_length, self.frozen_layers, tuple(texts)
         )
@@ -383,20 +402,43 @@ class RecModel(nn.Module):
             return torch.zeros(index.shape)
         return self.memory.bias(index)[..., 0]  # type: ignore[no-any-return]
 
+    def adapter_digest(self) -> str:
+        """Digest of the LoRA adapters' exact weights (what the text table depends on besides the catalog)."""
+        digest = hashlib.sha256()
+        for name, param in self.encoder.named_parameters():
+            if ADAPTER_MARK in name:
+                digest.update(name.encode() + param.detach().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     @torch.no_grad()
-    def text_table(self, batch_size: int = 256) -> torch.Tensor:
-        """All catalog text vectors (N, H) through the LoRA layers (encoder in eval mode: no dropout), no
-        gradient. Kept until the adapters' weights change: with frozen or unchanged adapters a round's
-        table costs nothing."""
-        adapters = [p.detach().clone() for n, p in self.encoder.named_parameters() if ADAPTER_MARK in n]
-        if self._table is not None and all(torch.equal(a, b) for a, b in zip(adapters, self._table[0], strict=True)):
-            return self._table[1]
+    def encode_catalog(self, index: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Text vectors (len(index), H) of catalog items through the LoRA layers, encoder in eval mode (no
+        dropout), no gradient. Items go in batches of similar token length (a batch is as long as its
+        longest text)."""
+        if self._mask is None:
+            raise RuntimeError("call attach_catalog() first")
         was_training = self.encoder.training
         self.encoder.eval()
-        index = torch.arange(self.num_items)
-        table = torch.cat([self.encode_items(index[s : s + batch_size]) for s in range(0, len(index), batch_size)])
+        order = torch.argsort(self._mask[index].sum(1), stable=True)
+        vectors = torch.empty(len(index), int(self.bert.config.hidden_size))
+        for s in range(0, len(index), batch_size):
+            rows = order[s : s + batch_size]
+            vectors[rows] = self.encode_items(index[rows])
         self.encoder.train(was_training)
-        self._table = (adapters, table)
+        return vectors
+
+    def text_table(self) -> torch.Tensor:
+        """All catalog text vectors (N, H) through the LoRA layers (:meth:`encode_catalog`). Kept per process
+        for the last few (catalog, adapter weights): a model rebuilt with weights already seen (a federated
+        client's evaluation, then its next round's training, on the same global weights) costs nothing."""
+        key = (self._catalog, self.adapter_digest())
+        if key in _TEXT_TABLES:
+            _TEXT_TABLES.move_to_end(key)
+            return _TEXT_TABLES[key]
+        table = self.encode_catalog(torch.arange(self.num_items))
+        _TEXT_TABLES[key] = table
+        while len(_TEXT_TABLES) > TEXT_TABLES_KEPT:
+            _TEXT_TABLES.popitem(last=False)
         return table
 
     @torch.no_grad()

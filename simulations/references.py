@@ -3,8 +3,9 @@
 - ``popularity``: items ranked by their count in the training split;
 - ``zero_shot``: the model at initialisation (frozen encoder, user = mean of the history vectors, cosine);
 - ``local``: each scenario alone, same model, initial weights, rounds and steps as a federated client;
-- ``centralized``: every scenario's training data pooled in one process (one catalog, batches drawn from
-  all users), same model and total steps as the federation: an upper reference, never a deployment mode.
+- ``centralized``: every scenario's training data pooled in one process (batches drawn from all users; each
+  position's softmax over its own scenario's catalog, as in the federation and in evaluation), same model
+  and total steps as the federation: an upper reference, never a deployment mode.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def local_rows(
 
 def pool(datasets: Sequence[LocalData]) -> tuple[LocalData, list[int]]:
     """Every scenario's training split in one dataset over the concatenated catalogs (ids prefixed
-    ``NAME/``); returns it and each scenario's item offset. Nothing of any evaluation split is included."""
+    ``NAME/``; each user's softmax stays in its own catalog: ``LocalData.catalogs``); returns it and each
+    scenario's item offset. Nothing of any evaluation split is included."""
     offsets = np.cumsum([0] + [d.scenario.num_items for d in datasets[:-1]]).tolist()
     user_offsets = np.cumsum([0] + [len(d.split.train) for d in datasets[:-1]]).tolist()
     labelled = sorted({k for d in datasets for k in d.split.train_labels})
@@ -133,7 +135,10 @@ def pool(datasets: Sequence[LocalData]) -> tuple[LocalData, list[int]]:
     empty = np.zeros(0, dtype=np.int64)
     split = Split(train=train, train_labels=labels, eval_users=empty, valid_target=empty, test_target=empty)
     users = np.concatenate([d.trainable_users + off for d, off in zip(datasets, user_offsets, strict=True)])
-    return LocalData(scenario, split, users, sum(d.num_examples for d in datasets)), offsets
+    catalogs = tuple((off, off + d.scenario.num_items) for d, off in zip(datasets, offsets, strict=True))
+    user_catalog = np.concatenate([np.full(len(d.split.train), c) for c, d in enumerate(datasets)])
+    pooled = LocalData(scenario, split, users, sum(d.num_examples for d in datasets), catalogs, user_catalog)
+    return pooled, offsets
 
 
 def centralized_rows(

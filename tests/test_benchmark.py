@@ -347,3 +347,46 @@ def test_federated_beats_local_only_with_the_paired_interval_above_zero():
     assert goal_notes(result(0.002))[-1].endswith("[+0.0020, +0.0300]: met")
     no_pairs = {"scenarios": result(0.0)["scenarios"]}
     assert goal_notes(no_pairs)[-1] == "news: federated auc 0.6400 vs local 0.6300, no paired interval: missed"
+
+
+def test_pooled_loss_ranks_each_position_against_its_own_catalog_only(tiny_cfg, demo_dir):
+    """Centralized: a pooled user's full softmax covers its scenario's slice of the pooled table; the
+    packed path, the DP path and the loss of each scenario's model on its own catalog agree."""
+    import dataclasses
+
+    import torch
+
+    from client.training import build_model, loss_fn, make_batch, prepare
+    from shared.data import load_scenario
+    from simulations.references import pool
+
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, fresh_items=0, aux_weight=0.0))
+    datasets = [prepare(load_scenario(demo_dir / n), cfg) for n in ("shop", "video")]
+    pooled, offsets = pool(datasets)
+    assert pooled.catalogs == ((0, offsets[1]), (offsets[1], pooled.scenario.num_items))
+    model = build_model(cfg, pooled)
+    model.eval()
+    text = model.text_table()
+    users = np.concatenate([pooled.trainable_users[:3], pooled.trainable_users[-3:]])  # three of each
+    batch = make_batch(pooled, cfg, users, model.num_items, np.random.default_rng(0))
+    assert batch.catalog is not None and batch.catalog.tolist() == [0, 0, 0, 1, 1, 1]
+    packed, parts = loss_fn(model, batch, text, 0.0, shared=True)
+    dp, _ = loss_fn(model, batch, text, 0.0, shared=False)
+    assert float(dp) == pytest.approx(float(packed), abs=1e-5)
+    # by hand: each row's cross-entropy against its own catalog's rows of the table only
+    table, bias = model.item_table()
+    rows = []
+    for r, c in enumerate(batch.catalog.tolist()):
+        lo, hi = pooled.catalogs[c]
+        seq = batch.seq[r]
+        inputs, targets = seq[:-1], seq[1:]
+        mask = inputs >= 0
+        with torch.no_grad():
+            user = model.user(table[inputs.clamp(min=0)][None], mask[None])[0]
+        real = mask & (targets >= 0)
+        logits = model.scores(user[real], table[lo:hi], bias[lo:hi])
+        rows.append(float(torch.nn.functional.cross_entropy(logits, targets[real] - lo)))
+    assert float(packed) == pytest.approx(float(np.mean(rows)), abs=1e-5)
+    # a softmax over the whole pooled catalog would be a different (larger) loss
+    whole = dataclasses.replace(batch, catalog=None, catalogs=())
+    assert float(loss_fn(model, whole, text, 0.0, shared=True)[0]) > float(packed) + 0.1

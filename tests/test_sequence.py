@@ -212,3 +212,40 @@ def test_text_table_is_recomputed_exactly_when_the_adapters_change(video):
     with torch.no_grad():
         lora.sub_(0.5)
     torch.testing.assert_close(model.text_table(), first)
+
+
+def test_text_tables_are_shared_between_models_with_the_same_catalog_and_adapters(tiny_cfg, demo_dir):
+    """A federated client rebuilds its model for every message: the evaluation's table (global weights) is
+    the next round's training table, computed once per process; other adapters or a LoRA scaling give
+    another table."""
+    data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
+    first, second = build_model(tiny_cfg, data), build_model(tiny_cfg, data)
+    table = first.text_table()
+    assert second.text_table() is table
+    lora = next(p for n, p in second.encoder.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora.add_(0.5)
+    assert second.text_table() is not table and first.text_table() is table
+    scaled = dataclasses.replace(tiny_cfg, lora=dataclasses.replace(tiny_cfg.lora, alpha=2 * tiny_cfg.lora.alpha))
+    third = build_model(scaled, data)
+    with torch.no_grad():
+        next(p for n, p in third.encoder.named_parameters() if "lora_B" in n).add_(0.5)
+    assert not torch.allclose(third.text_table(), second.text_table())
+
+
+def test_item_space_cosine_samples_large_catalogs(tiny_cfg, demo_dir, monkeypatch):
+    """Above COSINE_SAMPLE items the collapse check reads a random sample of the item space (a round
+    would otherwise pay one more catalog encoding); below it, every item."""
+    import client.training as training
+
+    data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
+    model = build_model(tiny_cfg, data)
+    randomise(model)
+    full = mean_pairwise_cosine(model.item_table()[0])
+    assert training.item_space_cosine(model, np.random.default_rng(0)) == pytest.approx(full, abs=1e-9)
+    monkeypatch.setattr(training, "COSINE_SAMPLE", model.num_items // 3)
+    rng = np.random.default_rng(0)
+    sample = np.sort(np.random.default_rng(0).choice(model.num_items, model.num_items // 3, replace=False))
+    estimate = training.item_space_cosine(model, rng)
+    assert estimate == pytest.approx(mean_pairwise_cosine(model.item_table()[0][sample]), abs=1e-6)
+    assert estimate == pytest.approx(full, abs=0.05)
