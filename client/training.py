@@ -218,30 +218,32 @@ def train_round(
     text = model.text_table()
     model.train()
     totals: dict[str, float] = {}
-    started = time.perf_counter()
-    with privacy.attached(model, optimizer) if privacy else contextlib.nullcontext(optimizer) as step_optimizer:
-        for step in range(cfg.train.local_steps):
-            if cfg.train.table_refresh and step and step % cfg.train.table_refresh == 0:
-                text = model.text_table()
-            users = sample_users(data, cfg, rng, poisson=privacy is not None)
-            step_optimizer.zero_grad(set_to_none=True)
-            if len(users):
-                batch = make_batch(data, cfg, users, model.num_items, rng, per_user=privacy is not None)
-                loss, parts = loss_fn(model, batch, text, cfg.train.aux_weight, shared=privacy is None)
-                loss.backward()
-                parts = {"loss": float(loss.detach()), **parts}
-            else:  # an empty Poisson batch is still a noisy step
-                privacy.empty_batch(params)  # type: ignore[union-attr]
-                parts = {}
-            if privacy is not None:
-                privacy.step(step_optimizer, model)
-            else:
-                step_optimizer.step()
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + (value if key == "positions" else value / cfg.train.local_steps)
-    model.eval()
-    for part in model.catalog_parts():
-        part.requires_grad_(True)
+    steps, started = cfg.train.local_steps, time.perf_counter()
+    try:
+        with privacy.attached(model, optimizer) if privacy else contextlib.nullcontext(optimizer) as step_optimizer:
+            for step in range(steps):
+                if cfg.train.table_refresh and step and step % cfg.train.table_refresh == 0:
+                    text = model.text_table()
+                users = sample_users(data, cfg, rng, poisson=privacy is not None)
+                step_optimizer.zero_grad(set_to_none=True)
+                if len(users):
+                    batch = make_batch(data, cfg, users, model.num_items, rng, per_user=privacy is not None)
+                    loss, parts = loss_fn(model, batch, text, cfg.train.aux_weight, shared=privacy is None)
+                    loss.backward()
+                    parts = {"loss": float(loss.detach()), **parts}
+                else:  # an empty Poisson batch is still a noisy step
+                    privacy.empty_batch(params)  # type: ignore[union-attr]
+                    parts = {}
+                if privacy is not None:
+                    privacy.step(step_optimizer, model)
+                else:
+                    step_optimizer.step()
+                for key, value in parts.items():  # positions summed, the rest averaged over steps
+                    totals[key] = totals.get(key, 0.0) + (value if key == "positions" else value / steps)
+    finally:  # a failed round leaves the model as it found it: eval mode, catalog parts trainable
+        model.eval()
+        for part in model.catalog_parts():
+            part.requires_grad_(True)
     totals["positions_per_second"] = totals.get("positions", 0.0) / (time.perf_counter() - started)
     totals["item_cosine"] = item_space_cosine(model, rng)
     return totals

@@ -213,6 +213,26 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny_cfg, demo_dir):
     assert all(not torch.equal(p, before[n]) for n, p in shared_parameters(model).items() if n not in frozen)
 
 
+def test_a_failed_private_round_leaves_the_catalog_parts_trainable(tiny_cfg, demo_dir, monkeypatch):
+    """DP-SGD freezes the item memory and text adaptor for the round; an error in a step must not leave
+    them frozen for the process's next (non-private) round or leave the model in training mode."""
+    import client.training as training
+
+    cfg = private(tiny_cfg, batch_size=8, local_steps=3)
+    data = prepare(load_scenario(demo_dir / "news"), cfg)
+    model = build_model(cfg, data)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(training, "loss_fn", broken)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        train_round(model, data, cfg, 1, DPSGD(plan(cfg, "news", 360, 360), 360))
+    parts = [p for part in model.catalog_parts() for p in part.parameters()]
+    assert parts and all(p.requires_grad for p in parts)
+    assert not model.training
+
+
 def _context(cfg: Config, demo_dir, scenario: str, state_dir) -> Context:
     node: dict[str, bool | float | int | str] = {
         "scenario": scenario,
