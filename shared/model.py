@@ -21,6 +21,7 @@ import collections
 import copy
 import functools
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -70,6 +71,12 @@ def load_pretrained(name: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel
     return tokenizer, model
 
 
+def by_length(lengths: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Row indices in batches of similar token length, shortest first: a batch is as long as its longest."""
+    order = torch.argsort(lengths, stable=True)
+    return (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+
+
 @functools.lru_cache(maxsize=4)
 def frozen_prefix(
     encoder: str, max_length: int, frozen_layers: int, texts: tuple[str, ...], batch_size: int = 128
@@ -82,11 +89,9 @@ def frozen_prefix(
     tokens = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     mask = tokens["attention_mask"]
     lengths = mask.sum(1)
-    order = torch.argsort(lengths, stable=True)
     states = torch.zeros(len(texts), max_length, int(model.config.hidden_size))
     with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in by_length(lengths, batch_size):
             length = int(lengths[rows].max())
             out = model(
                 input_ids=tokens["input_ids"][rows, :length],
@@ -314,7 +319,7 @@ class RecModel(nn.Module):
         self.memory: ItemMemory | None = None
         self._prefix: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
-        self._catalog = ""  # digest of (encoder, max length, frozen layers, texts): the text tables' key
+        self._catalog = ""  # digest of (encoder, max length, LoRA config, texts): the text tables' key
 
     @property
     def bert(self) -> PreTrainedModel:
@@ -413,16 +418,13 @@ class RecModel(nn.Module):
     @torch.no_grad()
     def encode_catalog(self, index: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Text vectors (len(index), H) of catalog items through the LoRA layers, encoder in eval mode (no
-        dropout), no gradient. Items go in batches of similar token length (a batch is as long as its
-        longest text)."""
+        dropout), no gradient, in batches of similar token length (:func:`by_length`)."""
         if self._mask is None:
             raise RuntimeError("call attach_catalog() first")
         was_training = self.encoder.training
         self.encoder.eval()
-        order = torch.argsort(self._mask[index].sum(1), stable=True)
         vectors = torch.empty(len(index), int(self.bert.config.hidden_size))
-        for s in range(0, len(index), batch_size):
-            rows = order[s : s + batch_size]
+        for rows in by_length(self._mask[index].sum(1), batch_size):
             vectors[rows] = self.encode_items(index[rows])
         self.encoder.train(was_training)
         return vectors
