@@ -136,15 +136,17 @@ def impression_scores(
 
 def frozen_table(cfg: Config, texts: list[str]) -> torch.Tensor:
     """Item vectors (N, H) of the frozen encoder for a catalog: the fixed space ILD is measured in."""
-    return _frozen_table(cfg.model.encoder, cfg.model.max_length, cfg.lora.layers, tuple(texts))
+    return _frozen_table(cfg.model.encoder, cfg.model.max_length, cfg.lora.layers, tuple(texts), cfg.run.cache_dir)
 
 
 @functools.lru_cache(maxsize=4)
 @torch.no_grad()
-def _frozen_table(encoder: str, max_length: int, lora_layers: int, texts: tuple[str, ...]) -> torch.Tensor:
+def _frozen_table(
+    encoder: str, max_length: int, lora_layers: int, texts: tuple[str, ...], cache_dir: str
+) -> torch.Tensor:
     """The item table of a model at initialisation (LoRA starts as the identity), cached per catalog."""
-    cfg = Config.from_run_config({"model.encoder": encoder, "model.max-length": max_length, "lora.layers": lora_layers})
-    model = RecModel(cfg)
+    flat = {"model.encoder": encoder, "model.max-length": max_length, "lora.layers": lora_layers}
+    model = RecModel(Config.from_run_config({**flat, "run.cache-dir": cache_dir}))
     model.attach_catalog(list(texts))
     return model.text_table()
 

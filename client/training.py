@@ -270,6 +270,6 @@ def build_model(cfg: Config, data: LocalData) -> RecModel:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     model = RecModel(cfg)
-    model.attach_catalog(data.scenario.texts)
+    model.attach_catalog(data.scenario.texts, data.catalogs)
     model.eval()
     return model

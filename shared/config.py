@@ -184,6 +184,9 @@ class RunConfig:
 
     dir: str = ""  # run folder: metrics.jsonl, checkpoints/, adapter/
     resume: str = ""  # a checkpoint folder to continue from ("" = start fresh)
+    # encodings that do not change during a run (frozen prefix, text tables), computed once and read by every
+    # process of the run; "" = kept in memory per process only
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import collections
 import copy
+import fcntl
 import functools
 import hashlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 import transformers
@@ -34,6 +37,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.masking_utils import create_bidirectional_mask
 
 from .config import DEFAULT_ENCODER, Config
+from .files import atomic_write_bytes
 
 
 def resolve_encoder(name: str) -> str:
@@ -77,29 +81,64 @@ def by_length(lengths: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     return (order[start : start + batch_size] for start in range(0, len(order), batch_size))
 
 
+def disk_cached(cache_dir: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``compute()``, kept as ``CACHE_DIR/KEY.safetensors`` for every later call of any process: the first
+    caller computes under a file lock while the others wait for its result instead of repeating it; the
+    file is written atomically. Without a ``cache_dir``: just ``compute()``."""
+    if not cache_dir:
+        return compute()
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.safetensors"
+    with (folder / f"{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.is_file():
+            try:
+                return safetensors.torch.load_file(path)
+            except Exception as exc:
+                raise RuntimeError(f"cache file {path} is unreadable ({exc}): delete it to recompute") from exc
+        tensors = compute()
+        atomic_write_bytes(path, safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
+        return tensors
+
+
 @functools.lru_cache(maxsize=4)
 def frozen_prefix(
-    encoder: str, max_length: int, frozen_layers: int, texts: tuple[str, ...], batch_size: int = 128
+    encoder: str, max_length: int, frozen_layers: int, texts: tuple[str, ...], cache_dir: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states after the first ``frozen_layers`` layers for every text: (N, L, H) and mask (N, L).
+    """Hidden states after the first ``frozen_layers`` layers for every text: (N, L, H) and mask (N, L);
+    kept per process and, with a ``cache_dir``, for every process of a run (:func:`disk_cached`).
 
     Texts go through in batches of similar length, each cut to its longest text (the states of real tokens
-    do not depend on the padding after them; padding positions are left at zero and masked everywhere)."""
-    tokenizer, model = load_pretrained(encoder)
-    tokens = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    mask = tokens["attention_mask"]
-    lengths = mask.sum(1)
-    states = torch.zeros(len(texts), max_length, int(model.config.hidden_size))
-    with torch.no_grad():
-        for rows in by_length(lengths, batch_size):
-            length = int(lengths[rows].max())
-            out = model(
-                input_ids=tokens["input_ids"][rows, :length],
-                attention_mask=mask[rows, :length],
-                output_hidden_states=True,
-            )
-            states[rows, :length] = out.hidden_states[frozen_layers]
-    return states, mask
+    do not depend on the padding after them; padding positions, zero or a batch's padding states, are masked
+    everywhere)."""
+    digest = hashlib.sha256(
+        repr((resolve_encoder(encoder), max_length, frozen_layers, transformers.__version__)).encode()
+    )
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+
+    def compute(batch_size: int = 128) -> dict[str, torch.Tensor]:
+        tokenizer, model = load_pretrained(encoder)
+        tokens = tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        mask = tokens["attention_mask"]
+        lengths = mask.sum(1)
+        states = torch.zeros(len(texts), max_length, int(model.config.hidden_size))
+        with torch.no_grad():
+            for rows in by_length(lengths, batch_size):
+                length = int(lengths[rows].max())
+                out = model(
+                    input_ids=tokens["input_ids"][rows, :length],
+                    attention_mask=mask[rows, :length],
+                    output_hidden_states=True,
+                )
+                states[rows, :length] = out.hidden_states[frozen_layers]
+        return {"states": states, "mask": mask}
+
+    found = disk_cached(cache_dir, f"prefix-{digest.hexdigest()[:32]}", compute)
+    return found["states"], found["mask"]
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -325,18 +364,27 @@ class RecModel(nn.Module):
     def bert(self) -> PreTrainedModel:
         return cast(PreTrainedModel, self.encoder.base_model.model)
 
-    def attach_catalog(self, texts: list[str]) -> None:
+    def attach_catalog(self, texts: list[str], parts: Sequence[tuple[int, int]] = ()) -> None:
         """Compute (or fetch from cache) the frozen-prefix states of a catalog's item texts; with
-        ``model.item-memory`` a fresh (zero) item memory for this catalog."""
+        ``model.item-memory`` a fresh (zero) item memory for this catalog. ``parts``: item ranges
+        [lo, hi) covering the catalog (a pooled catalog's scenarios), whose prefixes are computed and
+        cached each on its own (a scenario's prefix is then shared with the pooled catalog's)."""
         if not texts:
             raise ValueError("the catalog is empty")
+        ranges = list(parts) or [(0, len(texts))]
+        if ranges[0][0] != 0 or ranges[-1][1] != len(texts) or any(a[1] != b[0] for a, b in itertools.pairwise(ranges)):
+            raise ValueError(f"catalog parts {ranges} do not cover the {len(texts)} items in order")
         digest = hashlib.sha256(repr((self.cfg.model.encoder, self.cfg.model.max_length, self.cfg.lora)).encode())
         for text in texts:
             digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
         self._catalog = digest.hexdigest()
-        self._prefix, self._mask = frozen_prefix(
-            self.cfg.model.encoder, self.cfg.model.max_length, self.frozen_layers, tuple(texts)
-        )
+        m = self.cfg.model
+        prefixes = [
+            frozen_prefix(m.encoder, m.max_length, self.frozen_layers, tuple(texts[lo:hi]), self.cfg.run.cache_dir)
+            for lo, hi in ranges
+        ]
+        self._prefix = prefixes[0][0] if len(prefixes) == 1 else torch.cat([p[0] for p in prefixes])
+        self._mask = prefixes[0][1] if len(prefixes) == 1 else torch.cat([p[1] for p in prefixes])
         if self.cfg.model.item_memory:
             self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size))
 
@@ -432,12 +480,16 @@ class RecModel(nn.Module):
     def text_table(self) -> torch.Tensor:
         """All catalog text vectors (N, H) through the LoRA layers (:meth:`encode_catalog`). Kept per process
         for the last few (catalog, adapter weights): a model rebuilt with weights already seen (a federated
-        client's evaluation, then its next round's training, on the same global weights) costs nothing."""
+        client's evaluation, then its next round's training, on the same global weights) costs nothing;
+        with ``run.cache-dir``, also for the other processes of the run (:func:`disk_cached`)."""
         key = (self._catalog, self.adapter_digest())
         if key in _TEXT_TABLES:
             _TEXT_TABLES.move_to_end(key)
             return _TEXT_TABLES[key]
-        table = self.encode_catalog(torch.arange(self.num_items))
+        name = "table-" + hashlib.sha256("/".join(key).encode()).hexdigest()[:32]
+        table = disk_cached(
+            self.cfg.run.cache_dir, name, lambda: {"table": self.encode_catalog(torch.arange(self.num_items))}
+        )["table"]
         _TEXT_TABLES[key] = table
         while len(_TEXT_TABLES) > TEXT_TABLES_KEPT:
             _TEXT_TABLES.popitem(last=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 
 from shared.config import Config
 from shared.data import write_scenario
@@ -33,7 +34,7 @@ from shared.loaders import PUBLIC_FORMATS, load_public
 from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
 from .report import paired_intervals, paired_table, summary, verdict, write_outputs
 from .sasrec import SASRecSettings, sasrec_rows
-from .simulate import APP_DIR, federated_rows, load_datasets, parse_overrides, print_table
+from .simulate import APP_DIR, CACHE, federated_rows, load_datasets, parse_overrides, print_table, run_cache
 
 DEFAULT_DATA = APP_DIR.parent / "shared" / "data"
 
@@ -124,6 +125,7 @@ def plan_run(
         "data.scenarios": ",".join(s.name for s in sources),
         "fed.min-clients": len(sources),
     }
+    overrides.setdefault("run.cache-dir", str(run_dir / CACHE))
     return data_root, run_dir, overrides, Config.from_run_config({**Config().to_flat(), **overrides})
 
 
@@ -241,10 +243,11 @@ def benchmark(
     sources = parse_sources(scenarios)
     data_root, run_dir, overrides, cfg = plan_run("benchmark", data, sources, run_config, runs_dir)
     data_dir = run_dir / "data"
-    if concurrent and "federated" in references and not cfg.train.threads:
-        # beside the simulation's one-thread clients: torch's default (all cores) oversubscribes the CPU and
-        # stalls its threads (zero_shot measured 1,392 s wall this way on 2 cores)
-        cfg = Config.from_run_config({**cfg.to_flat(), "train.threads": 1})
+    # beside the simulation's one-thread clients the in-process references get one thread: torch's default
+    # (all cores) oversubscribes the CPU and stalls its threads (zero_shot measured 1,392 s wall this way on
+    # 2 cores); a reference started after the federation has ended gets the cores again
+    alone = Config.from_run_config({**cfg.to_flat(), "train.threads": cfg.train.threads or torch.get_num_threads()})
+    beside = Config.from_run_config({**cfg.to_flat(), "train.threads": 1}) if not cfg.train.threads else alone
     run_dir.mkdir(parents=True, exist_ok=False)
     wanted = [r for r in REFERENCES if r in references]
     if "federated" in wanted:
@@ -267,7 +270,9 @@ def benchmark(
     def run(reference: str) -> None:
         """One reference, timed; its rows go into ``results``."""
         nonlocal vectors
-        progress.begin(reference)
+        cfg = beside if federation.is_alive() else alone
+        in_process = not reference.startswith("federated")
+        progress.begin(f"{reference} ({cfg.train.threads} torch threads)" if in_process else reference)
         t0, c0 = time.time(), meter.sample()
         if reference.startswith("federated"):
             extra = (
@@ -312,17 +317,18 @@ def benchmark(
 
     # The Flower simulation runs in its own processes: the in-process references run beside it.
     federation = threading.Thread(target=run_federated, name="federated")
-    if concurrent:
-        federation.start()
-    else:
-        run_federated()
-    try:
-        if not failures:
-            for reference in (r for r in wanted if not r.startswith("federated")):
-                run(reference)
-    finally:
+    with run_cache(run_dir, cfg):
         if concurrent:
-            federation.join()
+            federation.start()
+        else:
+            run_federated()
+        try:
+            if not failures:
+                for reference in (r for r in wanted if not r.startswith("federated")):
+                    run(reference)
+        finally:
+            if concurrent:
+                federation.join()
     if failures:
         raise failures[0]
     rows = [row for reference in wanted for row in results[reference]]
@@ -332,7 +338,7 @@ def benchmark(
     meter.close()
     load = os.getloadavg()
     notes = [
-        f"run config: {' '.join(f'{k}={v}' for k, v in overrides.items() if k not in ('data.dir',))}",
+        f"run config: {' '.join(f'{k}={v}' for k, v in overrides.items() if k not in ('data.dir', 'run.cache-dir'))}",
         "CPU seconds (this process and all below it): "
         + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
         + f"; load average (1 / 5 / 15 min) at the start {' / '.join(f'{x:.1f}' for x in load_start)}, "

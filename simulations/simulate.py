@@ -10,11 +10,15 @@ Every process it starts is stopped before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
+import threading
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,19 @@ from .references import local_rows, popularity_rows, select_rounds
 from .report import paired_table, results_table, write_outputs
 
 APP_DIR = Path(__file__).resolve().parents[1]
+CACHE = "cache"  # RUN/cache: the run's frozen prefixes and text tables (run.cache-dir), removed at the end
+
+
+@contextlib.contextmanager
+def run_cache(run_dir: Path, cfg: Config) -> Iterator[None]:
+    """The run's own encoding cache (``RUN/cache``, set by the run's launcher) is removed when the block ends
+    (about 1 GB of frozen prefixes for the benchmark's public scenarios); a ``run.cache-dir`` the user passed
+    is theirs and stays."""
+    try:
+        yield
+    finally:
+        if Path(cfg.run.cache_dir) == run_dir / CACHE:
+            shutil.rmtree(run_dir / CACHE, ignore_errors=True)
 
 
 def parse_overrides(text: str) -> dict[str, bool | int | float | str]:
@@ -56,7 +73,12 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     started = time.time()
     run_dir = (Path(runs_dir) / time.strftime("%Y%m%d-%H%M%S")).resolve()
     data_dir = run_dir / "data" if data is None else Path(data).resolve()
-    overrides = {**parse_overrides(run_config), "data.dir": str(data_dir), "run.dir": str(run_dir)}
+    overrides = {
+        "run.cache-dir": str(run_dir / CACHE),
+        **parse_overrides(run_config),
+        "data.dir": str(data_dir),
+        "run.dir": str(run_dir),
+    }
     cfg = Config.from_run_config({**Config().to_flat(), **overrides})  # validate before anything is written
     run_dir.mkdir(parents=True, exist_ok=False)
     if data is None:
@@ -65,29 +87,48 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     datasets = load_datasets(data_dir, cfg)
 
     timings: dict[str, float] = {}
-    t0 = time.time()
-    rows, final = federated_rows(run_dir, overrides, len(datasets), cfg.fed.rounds)
-    timings["federated"] = time.time() - t0
-    t0 = time.time()
-    folders = {"federated": run_dir, "popularity": run_dir / "popularity", "local": run_dir / "local"}
-    pop = popularity_rows(
-        datasets, {d.scenario.name: frozen_table(cfg, d.scenario.texts) for d in datasets}, folders["popularity"]
-    )
-    timings["popularity"] = time.time() - t0
-    t0 = time.time()
-    local = []
-    for d in datasets:
+    federated: list[tuple[list[dict[str, Any]], Path]] = []
+    failures: list[BaseException] = []
 
-        def show(row: dict[str, Any]) -> None:
-            print(
-                f"  local {row['scenario']} round {row['round']}/{cfg.fed.rounds}: "
-                f"valid ndcg@10 {row['valid']['ndcg@10']:.4f}",
-                flush=True,
-            )
+    def run_federated() -> None:  # Flower's processes: the in-process references run beside them
+        t0 = time.time()
+        try:
+            federated.append(federated_rows(run_dir, overrides, len(datasets), cfg.fed.rounds))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
+            failures.append(exc)
+        timings["federated"] = time.time() - t0
 
-        print(f"crossrec: local reference for {d.scenario.name}", flush=True)
-        local += local_rows(cfg, d, show, folders["local"])
-    timings["local"] = time.time() - t0
+    # beside the simulation's one-thread clients the references get one thread (all cores oversubscribe)
+    beside = Config.from_run_config({**cfg.to_flat(), "train.threads": cfg.train.threads or 1})
+    federation = threading.Thread(target=run_federated, name="federated")
+    with run_cache(run_dir, cfg):
+        federation.start()
+        try:
+            t0 = time.time()
+            local = []
+            for d in datasets:
+
+                def show(row: dict[str, Any]) -> None:
+                    print(
+                        f"  local {row['scenario']} round {row['round']}/{cfg.fed.rounds}: "
+                        f"valid ndcg@10 {row['valid']['ndcg@10']:.4f}",
+                        flush=True,
+                    )
+
+                print(f"crossrec: local reference for {d.scenario.name}", flush=True)
+                local += local_rows(beside, d, show, run_dir / "local")
+                if failures:
+                    break
+            timings["local"] = time.time() - t0
+            t0 = time.time()
+            tables = {d.scenario.name: frozen_table(cfg, d.scenario.texts) for d in datasets}
+            pop = popularity_rows(datasets, tables, run_dir / "popularity")
+            timings["popularity"] = time.time() - t0
+        finally:
+            federation.join()
+    if failures:
+        raise failures[0]
+    (rows, final), folders = federated[0], {r: run_dir / r for r in ("popularity", "local")} | {"federated": run_dir}
     with (run_dir / METRICS_FILE).open("a") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in pop + local)
 

@@ -32,7 +32,7 @@ from shared.records import load_trainable
 from .benchmark import DEFAULT_SCENARIOS, convert, parse_sources, plan_run
 from .references import Row, evaluated, primary_metric, select_rounds, zero_shot_rows
 from .report import verdict
-from .simulate import federated_rows, load_datasets
+from .simulate import federated_rows, load_datasets, run_cache
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,14 @@ def transfer(
     convert(sources, data_root, run_dir / "data", lenient=cfg.data.lenient)
     datasets = load_datasets(run_dir / "data", cfg)
     results = []
-    for out in (d for d in datasets if d.scenario.name in chosen):
-        log.info("held out: %s (training on the others)", out.scenario.name)
-        results.append(held_out(cfg, overrides, datasets, out, run_dir))
-        atomic_write_text(run_dir / "transfer.json", json.dumps({"overrides": overrides, "results": results}, indent=2))
+    with run_cache(run_dir, cfg):
+        for out in (d for d in datasets if d.scenario.name in chosen):
+            log.info("held out: %s (training on the others)", out.scenario.name)
+            results.append(held_out(cfg, overrides, datasets, out, run_dir))
+            text = json.dumps({"overrides": overrides, "results": results}, indent=2)
+            atomic_write_text(run_dir / "transfer.json", text)
     lines = table(results)
-    config = " ".join(f"{k}={v}" for k, v in overrides.items() if k != "data.dir")
+    config = " ".join(f"{k}={v}" for k, v in overrides.items() if k not in ("data.dir", "run.cache-dir"))
     report = [
         "# Transfer to a scenario that took no part in training",
         "",

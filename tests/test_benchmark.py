@@ -94,6 +94,8 @@ def test_benchmark_end_to_end_on_fixture_files(tiny_cfg, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "] centralized" in out and "] federated" in out and "benchmark done" in out  # the progress display
     latest = runs / "benchmark-latest"
+    assert not (latest / "cache").exists()  # the run's encoding cache (run.cache-dir) is removed at the end
+    assert "local (1 torch threads)" in out  # beside the federation: one thread (the fixture config's)
     summary = json.loads((latest / "summary.json").read_text())
     refs = {"popularity", "zero_shot", "local", "centralized", "federated"}
     assert set(summary["scenarios"]) == {"movies", "ecommerce", "news"}

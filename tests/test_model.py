@@ -140,3 +140,81 @@ def test_real_minilm_lora_at_init_equals_sentence_embedding():
     model = RecModel(cfg)
     assert torch.equal(full_encoder_items(model, TEXTS), mean_pool(model, TEXTS, cfg))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 24_576  # q,v of layers 4-5, r=8
+
+
+def _count_and_return(folder: str) -> dict[str, torch.Tensor]:
+    import os
+    import time
+
+    with open(os.path.join(folder, "computed"), "a") as fh:  # one line per computation
+        fh.write(f"{os.getpid()}\n")
+    time.sleep(0.5)  # long enough for the other process to reach the lock
+    return {"x": torch.arange(6.0).reshape(2, 3)}
+
+
+def _cached_in_child(folder: str, queue) -> None:  # type: ignore[no-untyped-def]
+    from shared.model import disk_cached
+
+    queue.put(disk_cached(folder, "key", lambda: _count_and_return(folder))["x"].tolist())
+
+
+def test_disk_cache_is_computed_once_by_one_of_two_processes(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_cached_in_child, args=(str(tmp_path), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got == [[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]] * 2
+    assert len((tmp_path / "computed").read_text().splitlines()) == 1  # the other process waited and read it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["computed", "key.lock", "key.safetensors"]  # no temp left
+    (tmp_path / "key.safetensors").write_bytes(b"not a tensor file")
+    from shared.model import disk_cached
+
+    with pytest.raises(RuntimeError, match="key.safetensors is unreadable.*delete it"):
+        disk_cached(str(tmp_path), "key", lambda: _count_and_return(str(tmp_path)))
+
+
+@torch.no_grad()
+def test_cached_prefix_and_text_table_read_back_exactly_and_catalog_parts_share_them(tiny_cfg, demo_dir, tmp_path):
+    """With run.cache-dir the frozen prefix and the text tables are computed once for every process of a
+    run: read back (a new process: in-memory caches cleared) they are bit-identical; a pooled catalog given
+    as parts reads each part's prefix from the same files (equal to the pooled catalog's own prefix up to
+    float rounding: texts are batched by length, and other batches round differently)."""
+    from shared import model as model_module
+    from shared.model import frozen_prefix
+
+    cfg = dataclasses.replace(tiny_cfg, run=dataclasses.replace(tiny_cfg.run, cache_dir=str(tmp_path / "cache")))
+    shop, news = (prepare(load_scenario(demo_dir / name), cfg) for name in ("shop", "news"))
+    frozen_prefix.cache_clear()
+    model_module._TEXT_TABLES.clear()  # other tests' tables of the same catalog and adapters
+    first = build_model(cfg, shop)
+    table = first.text_table().clone()
+    files = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert files == ["prefix", "table"]
+    frozen_prefix.cache_clear()
+    model_module._TEXT_TABLES.clear()
+    again = build_model(cfg, shop)
+    assert again._prefix is not first._prefix and torch.equal(again._prefix, first._prefix)
+    assert torch.equal(again.text_table(), table)
+    frozen_prefix.cache_clear()
+    uncached = build_model(tiny_cfg, shop)  # no cache dir: computed here, the same values
+    assert torch.equal(uncached._prefix, first._prefix) and torch.equal(uncached._mask, first._mask)
+
+    texts = shop.scenario.texts + news.scenario.texts
+    n = len(shop.scenario.texts)
+    pooled = RecModel(cfg)
+    pooled.attach_catalog(texts, [(0, n), (n, len(texts))])
+    assert len(list((tmp_path / "cache").glob("prefix-*.safetensors"))) == 2  # shop's, then news's: no pooled file
+    whole = RecModel(tiny_cfg)
+    whole.attach_catalog(texts)
+    assert torch.equal(pooled._mask, whole._mask)  # real tokens' states: equal up to the batches' float rounding
+    real = whole._mask[..., None].bool()  # (padding states depend on the batch and are masked everywhere)
+    torch.testing.assert_close(pooled._prefix * real, whole._prefix * real, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"catalog parts \[\(0, 5\), \(6, 540\)\] do not cover the 540 items"):
+        pooled.attach_catalog(texts, [(0, 5), (6, len(texts))])
