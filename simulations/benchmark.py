@@ -182,7 +182,8 @@ class Progress:
 
     def show(self, text: str) -> None:
         elapsed = int(time.time() - self.started)
-        print(f"benchmark {elapsed // 60:3d}m{elapsed % 60:02d}s  {text}", flush=True)
+        # one write per line: the federation's thread and the references' print beside each other
+        print(f"benchmark {elapsed // 60:3d}m{elapsed % 60:02d}s  {text}\n", end="", flush=True)
 
     def row(self, row: Row) -> None:
         metric = "auc" if "auc" in row["valid"] else "ndcg@10"
