@@ -391,9 +391,25 @@ def _load_impressions(
     )
 
 
-def write_scenario(folder: str | os.PathLike[str], scenario: Scenario, timestamps: list[np.ndarray]) -> None:
-    """Write a scenario in the canonical format, atomically (a temp folder renamed into place)."""
+def occupied(folder: Path) -> bool:
+    """Whether writing ``folder`` would replace something: a file, or a folder that is not empty."""
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
+def write_scenario(
+    folder: str | os.PathLike[str], scenario: Scenario, timestamps: list[np.ndarray], force: bool = False
+) -> None:
+    """Write a scenario in the canonical format, atomically (a temp folder renamed into place). An existing
+    non-empty ``folder`` is replaced only with ``force``; a scenario without items or interactions is
+    refused. Nothing is written when either check fails."""
     folder = Path(folder)
+    if scenario.num_items == 0 or scenario.num_interactions == 0:
+        raise ValueError(
+            f"scenario '{scenario.name}' has {scenario.num_items} items and {scenario.num_interactions} "
+            f"interactions: nothing to write to {folder} (check the source files, or the rows --lenient skipped)"
+        )
+    if occupied(folder) and not force:
+        raise FileExistsError(f"{folder} already exists and is not empty: nothing written (pass --force to replace it)")
     with atomic_folder(folder) as tmp:
         meta = {"name": scenario.name, "objectives": list(scenario.objectives)}
         (tmp / SCENARIO_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Scenario, write_scenario
+from .data import Scenario, occupied, write_scenario
 
 TOPICS: dict[str, list[str]] = {
     "outdoors": "hiking camping tent trail mountain backpack canoe forest compass lantern summit "
@@ -154,10 +154,15 @@ def demo_federation(seed: int = 0, min_len: int = 4, max_len: int = 8) -> dict[s
     return {spec.name: _scenario(spec, personas, appeal, rng, min_len, max_len) for spec in DEMO_SCENARIOS}
 
 
-def write_demo_federation(folder: str | os.PathLike[str], seed: int = 0) -> list[str]:
-    """Write the demo federation in the canonical format, one sub-folder per scenario."""
+def write_demo_federation(folder: str | os.PathLike[str], seed: int = 0, force: bool = False) -> list[str]:
+    """Write the demo federation in the canonical format, one sub-folder per scenario; existing non-empty
+    scenario folders are replaced only with ``force`` (all are checked before any is written)."""
+    scenarios = demo_federation(seed)
+    taken = [str(Path(folder) / n) for n in scenarios if occupied(Path(folder) / n)]
+    if taken and not force:
+        raise FileExistsError(f"{', '.join(taken)} already exist: nothing written (pass --force to replace them)")
     names = []
-    for name, (scenario, stamps) in demo_federation(seed).items():
-        write_scenario(Path(folder) / name, scenario, stamps)
+    for name, (scenario, stamps) in scenarios.items():
+        write_scenario(Path(folder) / name, scenario, stamps, force=force)
         names.append(name)
     return names

@@ -20,12 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo-data", help="write the demo federation in the canonical format")
     demo.add_argument("out", help="output folder (one sub-folder per scenario)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="replace existing scenario folders")
     conv = sub.add_parser("convert", help="write a public dataset as a canonical scenario folder")
     conv.add_argument("format", choices=["movielens", "ml-100k", "amazon", "mind"])
     conv.add_argument("src", help="the dataset folder (e.g. ../shared/data/movies/ml-latest-small)")
     conv.add_argument("out", help="the scenario folder to write")
     conv.add_argument("--name", default=None, help="scenario name (default: movies / ecommerce / news)")
     conv.add_argument("--lenient", action="store_true", help="skip malformed rows and report them")
+    conv.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     bench = sub.add_parser("benchmark", help="real public scenarios: every reference point on the same splits")
     bench.add_argument(
         "--data", default=None, help="benchmark data directory (default: ../shared/data beside the repo)"
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "demo-data":
             from shared.demo import write_demo_federation
 
-            print("wrote", ", ".join(write_demo_federation(args.out, seed=args.seed)), "to", args.out)
+            names = write_demo_federation(args.out, seed=args.seed, force=args.force)
+            print("wrote", ", ".join(names), "to", args.out)
         elif args.command == "benchmark":
             from .benchmark import benchmark, merge, parse_epsilons
 
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 concurrent=not args.sequential,
             )
         elif args.command == "convert":
-            convert(args.format, args.src, args.out, args.name, args.lenient)
+            convert(args.format, args.src, args.out, args.name, args.lenient, args.force)
         elif args.command in ("recommend", "serve"):
             from .serving_cli import recommend, serve
 
@@ -178,13 +181,17 @@ def deploy(args: argparse.Namespace) -> None:
         )  # fmt: skip
 
 
-def convert(fmt: str, src: str, out: str, name: str | None, lenient: bool) -> None:
-    """Load a public dataset with its validating loader and write it in the canonical format."""
+def convert(fmt: str, src: str, out: str, name: str | None, lenient: bool, force: bool = False) -> None:
+    """Load a public dataset with its validating loader and write it in the canonical format (never into,
+    over or around the source; an existing non-empty output only with ``force``)."""
     from shared.data import write_scenario
     from shared.loaders import load_public
 
+    source, target = Path(src).resolve(), Path(out).resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ValueError(f"output {out} is, holds or lies inside the source {src}: choose another output folder")
     scenario, stamps = load_public(fmt, src, name=name, lenient=lenient)
-    write_scenario(out, scenario, stamps)
+    write_scenario(out, scenario, stamps, force=force)
     print(
         f"wrote {scenario.name}: {scenario.num_items} items, {len(scenario.users)} users, "
         f"{scenario.num_interactions} interactions to {out}"
