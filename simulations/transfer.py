@@ -23,6 +23,7 @@ from typing import Any
 
 from client.evaluation import evaluate, frozen_table, load_per_user, per_user_file
 from client.training import LocalData, build_model
+from server.launch import stop_children_on_signal
 from shared.checkpoint import checkpoint_dir, load_checkpoint
 from shared.config import Config
 from shared.files import atomic_write_text
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        transfer(args.data, args.scenarios, args.run_config, args.runs_dir, args.held_out)
+        with stop_children_on_signal():  # Ctrl-C / SIGTERM: the Flower processes below go first
+            transfer(args.data, args.scenarios, args.run_config, args.runs_dir, args.held_out)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"crossrec transfer: {exc}\n")
 

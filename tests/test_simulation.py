@@ -78,8 +78,10 @@ def test_simulation_end_to_end_then_resume_from_round_1(tiny_cfg, tmp_path):
     assert not flower_processes(str(resumed))
 
 
-def test_a_stopped_job_leaves_no_process_behind(tiny_cfg, tmp_path):
-    """SIGTERM to ``crossrec simulate`` while its Flower simulation runs: every process below it is gone."""
+@pytest.mark.parametrize("kind", ["simulate", "transfer"])
+def test_a_stopped_job_leaves_no_process_behind(tiny_cfg, tmp_path, kind):
+    """SIGTERM to ``crossrec simulate`` (or the transfer measurement) while its Flower simulation runs:
+    every process below it is gone."""
     import contextlib
     import os
     import signal
@@ -88,9 +90,18 @@ def test_a_stopped_job_leaves_no_process_behind(tiny_cfg, tmp_path):
     import time
     from pathlib import Path
 
-    crossrec = Path(sys.executable).parent / "crossrec"
-    command = [str(crossrec), "simulate", "--runs-dir", str(tmp_path), "--run-config"]
-    job = subprocess.Popen([*command, overrides(tiny_cfg, **{"fed.rounds": 50})], stdout=subprocess.DEVNULL)
+    if kind == "simulate":
+        crossrec = Path(sys.executable).parent / "crossrec"
+        command = [str(crossrec), "simulate", "--runs-dir", str(tmp_path), "--run-config"]
+        settings = overrides(tiny_cfg, **{"fed.rounds": 50})
+    else:
+        from tests.test_benchmark import tiny_overrides, write_public_fixtures
+
+        data = write_public_fixtures(tmp_path / "data")
+        command = [sys.executable, "-m", "simulations.transfer", "--data", str(data), "--scenarios", "movies,ecommerce"]
+        command += ["--held-out", "movies", "--runs-dir", str(tmp_path / "runs"), "--run-config"]
+        settings = tiny_overrides(tiny_cfg).replace("fed.rounds=2", "fed.rounds=50")
+    job = subprocess.Popen([*command, settings], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen: dict[int, psutil.Process] = {}
     names: dict[int, str] = {}
     deadline = time.monotonic() + 120
