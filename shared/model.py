@@ -81,6 +81,14 @@ def by_length(lengths: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     return (order[start : start + batch_size] for start in range(0, len(order), batch_size))
 
 
+def texts_digest(head: object, texts: Sequence[str]) -> str:
+    """Hex SHA-256 of ``repr(head)`` and every text (the key of an encoding of these texts)."""
+    digest = hashlib.sha256(repr(head).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
 def disk_cached(cache_dir: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``compute()``, kept as ``CACHE_DIR/KEY.safetensors`` for every later call of any process: the first
     caller computes under a file lock while the others wait for its result instead of repeating it; the
@@ -112,11 +120,7 @@ def frozen_prefix(
     Texts go through in batches of similar length, each cut to its longest text (the states of real tokens
     do not depend on the padding after them; padding positions, zero or a batch's padding states, are masked
     everywhere)."""
-    digest = hashlib.sha256(
-        repr((resolve_encoder(encoder), max_length, frozen_layers, transformers.__version__)).encode()
-    )
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    digest = texts_digest((resolve_encoder(encoder), max_length, frozen_layers, transformers.__version__), texts)
 
     def compute(batch_size: int = 128) -> dict[str, torch.Tensor]:
         tokenizer, model = load_pretrained(encoder)
@@ -137,7 +141,7 @@ def frozen_prefix(
                 states[rows, :length] = out.hidden_states[frozen_layers]
         return {"states": states, "mask": mask}
 
-    found = disk_cached(cache_dir, f"prefix-{digest.hexdigest()[:32]}", compute)
+    found = disk_cached(cache_dir, f"prefix-{digest[:32]}", compute)
     return found["states"], found["mask"]
 
 
@@ -374,17 +378,18 @@ class RecModel(nn.Module):
         ranges = list(parts) or [(0, len(texts))]
         if ranges[0][0] != 0 or ranges[-1][1] != len(texts) or any(a[1] != b[0] for a, b in itertools.pairwise(ranges)):
             raise ValueError(f"catalog parts {ranges} do not cover the {len(texts)} items in order")
-        digest = hashlib.sha256(repr((self.cfg.model.encoder, self.cfg.model.max_length, self.cfg.lora)).encode())
-        for text in texts:
-            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-        self._catalog = digest.hexdigest()
+        self._catalog = texts_digest((self.cfg.model.encoder, self.cfg.model.max_length, self.cfg.lora), texts)
         m = self.cfg.model
-        prefixes = [
-            frozen_prefix(m.encoder, m.max_length, self.frozen_layers, tuple(texts[lo:hi]), self.cfg.run.cache_dir)
-            for lo, hi in ranges
-        ]
-        self._prefix = prefixes[0][0] if len(prefixes) == 1 else torch.cat([p[0] for p in prefixes])
-        self._mask = prefixes[0][1] if len(prefixes) == 1 else torch.cat([p[1] for p in prefixes])
+        states, masks = zip(
+            *(
+                frozen_prefix(m.encoder, m.max_length, self.frozen_layers, tuple(texts[lo:hi]), self.cfg.run.cache_dir)
+                for lo, hi in ranges
+            ),
+            strict=True,
+        )
+        # one part: the cached tensors themselves (a concatenation would copy them)
+        self._prefix = states[0] if len(states) == 1 else torch.cat(states)
+        self._mask = masks[0] if len(masks) == 1 else torch.cat(masks)
         if self.cfg.model.item_memory:
             self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size))
 

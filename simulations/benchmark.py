@@ -34,7 +34,16 @@ from shared.loaders import PUBLIC_FORMATS, load_public
 from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
 from .report import paired_intervals, paired_table, summary, verdict, write_outputs
 from .sasrec import SASRecSettings, sasrec_rows
-from .simulate import APP_DIR, CACHE, federated_rows, load_datasets, parse_overrides, print_table, run_cache
+from .simulate import (
+    APP_DIR,
+    CACHE,
+    federated_rows,
+    load_datasets,
+    parse_overrides,
+    print_table,
+    run_cache,
+    with_threads,
+)
 
 DEFAULT_DATA = APP_DIR.parent / "shared" / "data"
 
@@ -247,8 +256,8 @@ def benchmark(
     # beside the simulation's one-thread clients the in-process references get one thread: torch's default
     # (all cores) oversubscribes the CPU and stalls its threads (zero_shot measured 1,392 s wall this way on
     # 2 cores); a reference started after the federation has ended gets the cores again
-    alone = Config.from_run_config({**cfg.to_flat(), "train.threads": cfg.train.threads or torch.get_num_threads()})
-    beside = Config.from_run_config({**cfg.to_flat(), "train.threads": 1}) if not cfg.train.threads else alone
+    alone = with_threads(cfg, cfg.train.threads or torch.get_num_threads())
+    beside = with_threads(cfg, cfg.train.threads or 1)
     run_dir.mkdir(parents=True, exist_ok=False)
     wanted = [r for r in REFERENCES if r in references]
     if "federated" in wanted:

@@ -11,6 +11,7 @@ Every process it starts is stopped before it returns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -48,6 +49,11 @@ def run_cache(run_dir: Path, cfg: Config) -> Iterator[None]:
     finally:
         if Path(cfg.run.cache_dir) == run_dir / CACHE:
             shutil.rmtree(run_dir / CACHE, ignore_errors=True)
+
+
+def with_threads(cfg: Config, threads: int) -> Config:
+    """``cfg`` with ``train.threads`` set."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
 
 
 def parse_overrides(text: str) -> dict[str, bool | int | float | str]:
@@ -99,7 +105,7 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
         timings["federated"] = time.time() - t0
 
     # beside the simulation's one-thread clients the references get one thread (all cores oversubscribe)
-    beside = Config.from_run_config({**cfg.to_flat(), "train.threads": cfg.train.threads or 1})
+    beside = with_threads(cfg, cfg.train.threads or 1)
     federation = threading.Thread(target=run_federated, name="federated")
     with run_cache(run_dir, cfg):
         federation.start()
@@ -128,7 +134,8 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
             federation.join()
     if failures:
         raise failures[0]
-    (rows, final), folders = federated[0], {r: run_dir / r for r in ("popularity", "local")} | {"federated": run_dir}
+    rows, final = federated[0]
+    folders = {"federated": run_dir, "popularity": run_dir / "popularity", "local": run_dir / "local"}
     with (run_dir / METRICS_FILE).open("a") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in pop + local)
 
