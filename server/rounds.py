@@ -69,7 +69,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
     """Run rounds ``done+1 .. fed.rounds``; checkpoint after each; export the final adapter."""
     run_dir.mkdir(parents=True, exist_ok=True)
     done, arrays, model = initial_weights(cfg)
-    strategy = CrossrecFedAvg(expected_from(arrays), weighting=cfg.fed.weighting, min_clients=cfg.fed.min_clients)
+    strategy = CrossrecFedAvg(expected_from(arrays), cfg.fed)
     global_record = to_arrayrecord(arrays)
     for server_round in range(done + 1, cfg.fed.rounds + 1):
         started = time.time()
@@ -102,6 +102,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
                     if "privacy.epsilon" in r["train"]
                 },
                 "dropped": strategy.dropped,
+                "aggregation": strategy.decisions,  # per reply: claimed examples, share, update norm, clipped norm
             },
         )
         summary = ", ".join(f"{r['scenario']} ndcg@10 {r['valid'].get('ndcg@10', float('nan')):.4f}" for r in rows)

@@ -41,7 +41,7 @@ def load_checkpoint(folder: str | Path, cfg: Config) -> tuple[int, dict[str, np.
     meta = json.loads(meta_path.read_text())
     if meta.get("model_hash") != cfg.model_hash():
         raise ValueError(
-            f"run.resume = '{folder}': checkpoint was written for a different model.*/lora.* config "
+            f"run.resume = '{folder}': checkpoint was written for a different model.*/lora.*/fed.aggregation config "
             f"(hash {meta.get('model_hash')} vs {cfg.model_hash()})"
         )
     return int(meta["round"]), load_file(str(weights_path)), meta

@@ -119,11 +119,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FedConfig:
-    """Server-side federation settings."""
+    """Server-side federation settings: rounds, how replies are weighted, bounded and combined."""
 
     rounds: int = 3  # validation peaked at rounds 1-3 on the demo and the public benchmark (BENCHMARKS.md)
     min_clients: int = 3  # a round needs this many valid replies
-    weighting: str = "examples"  # "examples" (FedAvg) or "uniform" (one vote per scenario)
+    weighting: str = "examples"  # "examples" (FedAvg, capped by max-share) or "uniform" (one vote per scenario)
+    max_share: float = 0.5  # largest share of a round's weight one reply can get (a client reports its own examples)
+    aggregation: str = "fedavg"  # "fedavg" (LoRA A and B averaged) or "ffa" (A frozen at a seeded init, B averaged)
+    clip: float = 3.0  # each update's L2 norm bounded to clip x the round's median update norm; 0 = off
+    outlier: float = 10.0  # a reply whose update norm is above outlier x the others' median is dropped; 0 = off
+    robust: str = "mean"  # "mean" (weighted), "trimmed-mean" or "median" (coordinate-wise, unweighted)
+    trim: float = 0.2  # share of replies trimmed at each end of every coordinate under "trimmed-mean"
     timeout: float = 3600.0  # seconds to wait for replies in a round
 
     def __post_init__(self) -> None:
@@ -131,9 +137,23 @@ class FedConfig:
             _fail("fed.rounds", self.rounds, "must be >= 1")
         if self.min_clients < 1:
             _fail("fed.min-clients", self.min_clients, "must be >= 1")
-        if self.weighting not in ("examples", "uniform"):
-            _fail("fed.weighting", self.weighting, "must be 'examples' or 'uniform'")
-        if not self.timeout > 0:
+        choices: dict[str, tuple[str, ...]] = {"weighting": ("examples", "uniform"), "aggregation": ("fedavg", "ffa")}
+        choices["robust"] = ("mean", "trimmed-mean", "median")
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                _fail(f"fed.{key}", getattr(self, key), "must be one of " + ", ".join(map(repr, allowed)))
+        if not (math.isfinite(self.max_share) and 0 < self.max_share <= 1):
+            _fail("fed.max-share", self.max_share, "must be in (0, 1]")
+        for key in ("clip", "outlier"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                _fail(f"fed.{key}", getattr(self, key), "must be a finite number >= 0 (0 = off)")
+        if self.outlier and self.outlier <= 1:
+            _fail("fed.outlier", self.outlier, "must be > 1 (a multiple of the median) or 0 (off)")
+        if self.clip and self.clip < 1:
+            _fail("fed.clip", self.clip, "must be >= 1 (a multiple of the median) or 0 (off)")
+        if not 0 <= self.trim < 0.5:
+            _fail("fed.trim", self.trim, "must be in [0, 0.5)")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
             _fail("fed.timeout", self.timeout, "must be > 0")
 
 
@@ -260,6 +280,8 @@ class Config:
         return flat
 
     def model_hash(self) -> str:
-        """Hash of everything that fixes the shapes of the shared weights."""
+        """Hash of everything that fixes the shared weights' names and shapes (``fed.aggregation``: which are sent)."""
         keys = {k: v for k, v in self.to_flat().items() if k.startswith(("model.", "lora."))}
+        if self.fed.aggregation != "fedavg":  # fedavg sends every adapter weight (and keeps older hashes)
+            keys["fed.aggregation"] = self.fed.aggregation
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

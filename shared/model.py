@@ -325,6 +325,20 @@ _TEXT_TABLES: collections.OrderedDict[tuple[str, str], torch.Tensor] = collectio
 TEXT_TABLES_KEPT = 4  # text tables kept per process (a federated client process serves a few scenarios)
 
 
+def freeze_lora_a(encoder: nn.Module, seed: int) -> None:
+    """FFA-LoRA: every adapter's A drawn from ``seed`` alone (peft's own init distribution, uniform in
+    +-1/sqrt(fan-in)), in name order, then frozen. Every party that builds the model with the same config
+    holds the same A without it ever being sent, so averaging the B matrices averages the updates B A
+    exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(encoder.named_parameters()):
+            if "lora_A" in name:
+                bound = 1.0 / param.shape[1] ** 0.5
+                param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
+                param.requires_grad_(False)
+
+
 PRIVATE_PREFIX = "memory."  # parameters of the scenario-private item memory: never sent
 ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter parameter (peft's naming)
 
@@ -350,6 +364,8 @@ class RecModel(nn.Module):
             layers_pattern="layer",
         )
         self.encoder = get_peft_model(copy.deepcopy(base), lora)
+        if cfg.fed.aggregation == "ffa":
+            freeze_lora_a(self.encoder, cfg.train.seed)
         dim = base.config.hidden_size
         m = cfg.model
         self.user = SequenceEncoder(dim, m.seq_dim, m.seq_layers, m.seq_heads, m.seq_dropout, m.history)

@@ -6,7 +6,7 @@ scenario-private item memory (``memory.*``) never does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -71,19 +71,3 @@ def validate_arrays(
         elif not np.isfinite(value).all():
             problems.append(f"'{key}' has non-finite values")
     return problems
-
-
-def weighted_average(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
-    """Weighted mean of several states with identical keys (FedAvg); weights must be positive."""
-    if not states or len(states) != len(weights):
-        raise ValueError("need one positive weight per state")
-    total = float(sum(weights))
-    if not all(w > 0 for w in weights) or not np.isfinite(total):
-        raise ValueError(f"weights must be positive and finite, got {weights}")
-    out = {}
-    for key in states[0]:
-        acc = np.zeros(np.shape(states[0][key]), dtype=np.float64)
-        for s, w in zip(states, weights, strict=True):
-            acc += np.asarray(s[key], dtype=np.float64) * (w / total)
-        out[key] = acc.astype(states[0][key].dtype)
-    return out

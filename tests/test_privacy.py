@@ -308,7 +308,8 @@ def test_ledger_survives_a_process_restart_and_refuses_over_budget(tiny_cfg, dem
     assert Ledger.load(state / LEDGER).steps == 2 * k
     others = [train(_train_message(cfg, 3), _context(cfg, demo_dir, s, tmp_path / s)) for s in ("shop", "news")]
     _, weights, _ = initial_weights(cfg)
-    strategy = CrossrecFedAvg(expected_from(weights), weighting="examples", min_clients=2)
+    strategy = CrossrecFedAvg(expected_from(weights), dataclasses.replace(cfg.fed, min_clients=2))
+    strategy.global_arrays = weights  # what configure_train keeps
     record, _ = strategy.aggregate_train(3, [refused, *others])
     assert record is not None and set(strategy.train_metrics) == {"shop", "news"}
     assert any('video: client refused: "privacy budget' in d for d in strategy.dropped), strategy.dropped

@@ -60,6 +60,10 @@ def test_simulation_end_to_end_then_resume_from_round_1(tiny_cfg, tmp_path):
         assert (first / name).is_file(), name
     meta = json.loads((first / "checkpoints/round-0002/meta.json").read_text())
     assert meta["round"] == 2 and set(meta["metrics"]) == {"shop", "video", "news"}
+    weighed = meta["aggregation"]  # the server's decision for every reply
+    assert {d["scenario"] for d in weighed} == {"shop", "video", "news"}
+    assert sum(d["share"] for d in weighed) == pytest.approx(1.0) and max(d["share"] for d in weighed) <= 0.5
+    assert all(0 < d["clipped_to"] <= d["update_norm"] for d in weighed)
     assert not flower_processes(str(first)), "a Flower process outlived the run"
 
     # resume from the round-1 checkpoint: only round 2 runs, and it reproduces the uninterrupted round 2

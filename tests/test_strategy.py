@@ -1,8 +1,11 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.strategy import CrossrecFedAvg, expected_from, reply_problem
+from shared.config import FedConfig
 from shared.records import ARRAYS, INFO, METRICS, NUM_EXAMPLES, from_arrayrecord, to_arrayrecord
 
 GLOBAL = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
@@ -24,13 +27,16 @@ def state(value: float) -> dict:
     return {"a": np.full((2, 3), value, np.float32), "b": np.arange(4, dtype=np.float32) * value}
 
 
-def strategy(min_clients: int = 1, weighting: str = "examples") -> CrossrecFedAvg:
-    return CrossrecFedAvg(expected_from(GLOBAL), weighting=weighting, min_clients=min_clients)
+def strategy(min_clients: int = 1, weighting: str = "examples", **fed) -> CrossrecFedAvg:
+    settings = dataclasses.replace(FedConfig(), weighting=weighting, min_clients=min_clients, **fed)
+    made = CrossrecFedAvg(expected_from(GLOBAL), settings)
+    made.global_arrays = GLOBAL  # what configure_train keeps
+    return made
 
 
 def test_fedavg_of_hand_built_replies_equals_hand_computed_average():
     replies = [reply(1, state(1.0), examples=10), reply(2, state(4.0), examples=30), reply(3, state(-2.0), examples=60)]
-    arrays, metrics = strategy().aggregate_train(1, replies)
+    arrays, metrics = strategy(max_share=1.0, clip=0.0, outlier=0.0).aggregate_train(1, replies)
     avg = from_arrayrecord(arrays)
     expected = (1.0 * 10 + 4.0 * 30 - 2.0 * 60) / 100  # = -0.1
     np.testing.assert_allclose(avg["a"], np.full((2, 3), expected), rtol=1e-6)
