@@ -113,8 +113,11 @@ class TrainConfig:
         for key in ("lr", "lora_lr", "memory_lr"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be a finite number > 0")
-        if self.weight_decay < 0 or self.aux_weight < 0:
-            _fail("train.weight-decay/aux-weight", (self.weight_decay, self.aux_weight), "must be >= 0")
+        for key in ("weight_decay", "aux_weight"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be a finite number >= 0")
+        if self.seed < 0:
+            _fail("train.seed", self.seed, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def __post_init__(self) -> None:
+        for key, value in self.to_flat().items():  # what a section's own checks did not already refuse
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(key, value, "must be a finite number")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Config:

@@ -12,7 +12,8 @@ position). Ranking logit = a * cos(user, item) + the item's private bias; every 
 from an MMoE over (user, item) pairs.
 
 Shared (trainable, sent to the server): LoRA adapters, text adaptor, sequence encoder, head. Private (trainable, never
-sent): the item memory (``memory.*``). Everything else is frozen.
+sent): the item memory (``memory.*``). Everything else is frozen; with ``fed.aggregation = "ffa"`` so are the
+adapters' A matrices (drawn from the seed: :func:`freeze_lora_a`).
 """
 
 from __future__ import annotations

@@ -86,11 +86,12 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
         "run.dir": str(run_dir),
     }
     cfg = Config.from_run_config({**Config().to_flat(), **overrides})  # validate before anything is written
+    datasets = None if data is None else load_datasets(data_dir, cfg)  # a user's data: checked first, too
     run_dir.mkdir(parents=True, exist_ok=False)
-    if data is None:
+    if datasets is None:
         write_demo_federation(data_dir, seed=demo_seed)
+        datasets = load_datasets(data_dir, cfg)
     print(f"crossrec: run folder {run_dir}")
-    datasets = load_datasets(data_dir, cfg)
 
     timings: dict[str, float] = {}
     federated: list[tuple[list[dict[str, Any]], Path]] = []

@@ -16,10 +16,28 @@ def test_parse_overrides_types():
         parse_overrides("fed.rounds")
 
 
-def test_bad_run_config_fails_before_anything_starts(tmp_path, capsys):
-    assert main(["simulate", "--runs-dir", str(tmp_path), "--run-config", "fed.roundz=3"]) == 1
-    assert "unknown config key 'fed.roundz'" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ("fed.roundz=3", "unknown config key 'fed.roundz'"),
+        ("train.lr=inf", "config key 'train.lr' = inf: must be a finite number > 0"),
+        ("train.weight-decay=nan", "config key 'train.weight-decay' = nan: must be a finite number >= 0"),
+        ("train.aux-weight=inf", "config key 'train.aux-weight' = inf: must be a finite number >= 0"),
+        ("train.seed=-5", "config key 'train.seed' = -5: must be >= 0"),
+    ],
+)
+def test_bad_run_config_fails_before_anything_starts(tmp_path, capsys, settings, message):
+    assert main(["simulate", "--runs-dir", str(tmp_path), "--run-config", settings]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_data_fails_before_a_run_folder_is_made(tmp_path, capsys):
+    assert main(["simulate", "--runs-dir", str(tmp_path / "runs"), "--data", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "missing") in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 def test_demo_data_command(tmp_path, capsys):
