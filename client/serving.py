@@ -25,7 +25,7 @@ from shared.model import RecModel, full_encoder_items
 from shared.records import load_trainable
 
 from .ranking import mmr, utility
-from .state import PRIVATE_FILE, load_private, private_scenario
+from .state import PRIVATE_FILE, load_private, private_scenario, round_copy
 
 
 class RequestError(ValueError):
@@ -85,14 +85,20 @@ def save_table(path: Path, table: torch.Tensor, bias: torch.Tensor) -> None:
     tmp.replace(path)
 
 
-def private_file(checkpoint: Path, scenario: str, state_dirs: Sequence[Path]) -> Path | None:
-    """The scenario's private memory: ``private.safetensors`` in a given state folder written for this
-    scenario, else in the checkpoint's run folder (``RUN/clients/SCENARIO/``); None: serve from text alone."""
-    candidates = [Path(d) / PRIVATE_FILE for d in state_dirs]
-    candidates.append(checkpoint.resolve().parents[1] / "clients" / scenario / PRIVATE_FILE)
-    for path in candidates:
-        if path.is_file() and private_scenario(path) == scenario:
-            return path
+def private_file(checkpoint: Path, scenario: str, state_dirs: Sequence[Path], run_dir: str = "") -> Path | None:
+    """The scenario's private memory for a checkpoint of round r: in each given state folder written for
+    this scenario, then in the checkpoint's run folder (``RUN/clients/SCENARIO/``), the copy the client kept
+    after round r of that run (``private/<run key>/round-NNNN``, the memory that round was evaluated with),
+    else its latest ``private.safetensors``; None: serve from text alone."""
+    folders = [Path(d) for d in state_dirs] + [checkpoint.resolve().parents[1] / "clients" / scenario]
+    name = checkpoint.name
+    for folder in folders:
+        paths = [folder / PRIVATE_FILE]
+        if name.startswith("round-") and name[6:].isdigit():
+            paths.insert(0, round_copy(folder / PRIVATE_FILE, run_dir, int(name[6:])))
+        for path in paths:
+            if path.is_file() and private_scenario(path) == scenario:
+                return path
     return None
 
 
@@ -125,7 +131,11 @@ class Recommender:
             self.catalogs[scenario.name] = self._catalog(scenario, cache_dir)
 
     def _catalog(self, scenario: Scenario, cache_dir: str | Path | None) -> Catalog:
-        private = private_file(self.checkpoint, scenario.name, self.state_dirs) if self.cfg.model.item_memory else None
+        private = (
+            private_file(self.checkpoint, scenario.name, self.state_dirs, self.cfg.run.dir)
+            if self.cfg.model.item_memory
+            else None
+        )
         cached = Path(cache_dir) / cache_name(self.checkpoint_id, scenario.texts, private) if cache_dir else None
         table = bias = None
         if cached is not None and cached.is_file():

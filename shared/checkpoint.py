@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,9 @@ from safetensors.numpy import load_file, save_file
 
 from .config import Config
 from .files import atomic_folder
+from .metrics import select_rounds
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "meta.json"
@@ -65,12 +69,35 @@ def export_adapter(model: Any, folder: str | Path) -> None:
     save_file(rest, str(folder / "crossrec_head.safetensors"))
 
 
+def chosen_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of a run folder chosen on validation: the round whose scenarios' validation metrics
+    (in each checkpoint's ``meta.json``) are best by :func:`shared.metrics.select_rounds`, the rule every
+    report uses; the latest round when the checkpoints hold no validation metrics; None without any."""
+    folders = sorted((Path(run_dir) / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]"))
+    rows = []
+    for folder in folders:
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{folder / META_FILE}: unreadable checkpoint metadata ({exc})") from None
+        for scenario, split in (meta.get("metrics") or {}).items():
+            if split.get("valid"):
+                rows.append({"round": meta["round"], "scenario": scenario, "reference": "federated", **split})
+    if not rows:
+        return folders[-1] if folders else None
+    chosen = next(iter(select_rounds(rows).values()))
+    return checkpoint_dir(run_dir, int(chosen["round"]))
+
+
 def read_checkpoint(path: str | Path) -> tuple[Config, Path, dict[str, np.ndarray]]:
-    """(training config, checkpoint folder, weights) of a checkpoint folder or a run folder (its latest round)."""
+    """(training config, checkpoint folder, weights) of a checkpoint folder, or of a run folder: the round
+    chosen on validation (:func:`chosen_checkpoint`; pass ``RUN/checkpoints/round-NNNN`` for another)."""
     path = Path(path)
-    folder = path if (path / META_FILE).is_file() else latest_checkpoint(path)
+    folder = path if (path / META_FILE).is_file() else chosen_checkpoint(path)
     if folder is None or not (folder / WEIGHTS_FILE).is_file():
         raise ValueError(f"{path}: neither a checkpoint folder nor a run folder with checkpoints")
+    if folder != path:
+        log.info("%s: the round chosen on validation, %s", path, folder.name)
     meta = json.loads((folder / META_FILE).read_text())
     cfg = Config.from_run_config(meta["config"])
     _, weights, _ = load_checkpoint(folder, cfg)

@@ -8,6 +8,8 @@ tie never counts in the target's favour.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -130,3 +132,51 @@ def paired_bootstrap(
     tail = (1.0 - level) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return {"diff": float(diff.mean()), "lo": float(lo), "hi": float(hi), "n": int(len(diff))}
+
+
+Row = dict[str, Any]  # one metrics.jsonl row: round, scenario, reference, train, valid, test
+
+
+def primary_metric(row: Row) -> str:
+    """The metric a row is selected on: AUC for impression scenarios (news), NDCG@10 otherwise."""
+    return "auc" if "auc" in row["valid"] else "ndcg@10"
+
+
+GLOBAL_MODELS = ("federated", "centralized")  # one model for every scenario: one round for all
+
+
+def select_rounds(rows: list[Row]) -> dict[str, Row]:
+    """Per scenario, the row of the round with the best *validation* primary metric (:func:`primary_metric`;
+    earliest round on ties).
+
+    Rows of one global model (federated, centralized) share one round, chosen on the mean over scenarios of
+    each scenario's validation primary metric relative to its best round (scale-free, so AUC ~0.6 and
+    NDCG@10 ~0.05 weigh alike); local rows are separate models, chosen per scenario.
+    """
+    chosen: dict[str, Row] = {}
+    by_round: dict[int, list[Row]] = {}
+    for row in rows:
+        by_round.setdefault(int(row["round"]), []).append(row)
+    if rows and rows[0]["reference"].split("-")[0] in GLOBAL_MODELS:
+        best: dict[str, float] = {}
+        for row in rows:
+            value = float(row["valid"][primary_metric(row)])
+            best[row["scenario"]] = max(best.get(row["scenario"], value), value)
+
+        def score(r: int) -> float:
+            return float(
+                np.mean(
+                    [
+                        x["valid"][primary_metric(x)] / best[x["scenario"]] if best[x["scenario"]] else 0.0
+                        for x in by_round[r]
+                    ]
+                )
+            )
+
+        chosen_round = max(sorted(by_round), key=score)
+        return {str(x["scenario"]): x for x in by_round[chosen_round]}
+    for row in sorted(rows, key=lambda x: int(x["round"])):
+        name = str(row["scenario"])
+        if name not in chosen or row["valid"][primary_metric(row)] > chosen[name]["valid"][primary_metric(row)]:
+            chosen[name] = row
+    return chosen

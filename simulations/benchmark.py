@@ -30,8 +30,9 @@ from shared.config import Config
 from shared.data import write_scenario
 from shared.files import atomic_write_text
 from shared.loaders import PUBLIC_FORMATS, load_public
+from shared.metrics import select_rounds
 
-from .references import Row, centralized_rows, local_rows, popularity_rows, select_rounds, zero_shot_rows
+from .references import Row, centralized_rows, local_rows, popularity_rows, zero_shot_rows
 from .report import paired_intervals, paired_table, summary, verdict, write_outputs
 from .sasrec import SASRecSettings, sasrec_rows
 from .simulate import (

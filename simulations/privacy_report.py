@@ -38,10 +38,9 @@ from client.training import LocalData, build_model, loss_fn, make_batch, sample_
 from shared.config import Config
 from shared.data import load_scenario
 from shared.demo import write_demo_federation
-from shared.metrics import impression_metrics
+from shared.metrics import impression_metrics, primary_metric, select_rounds
 from shared.model import RecModel
 
-from .references import primary_metric, select_rounds
 from .simulate import federated_rows, parse_overrides
 
 

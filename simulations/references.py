@@ -14,7 +14,6 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +22,7 @@ from client.evaluation import PerUser, evaluate, frozen_table, per_user_file, po
 from client.training import LocalData, build_model, train_round
 from shared.config import Config
 from shared.data import Scenario, Split
-
-Row = dict[str, Any]
+from shared.metrics import Row
 
 
 def split_metrics(flat: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -34,11 +32,6 @@ def split_metrics(flat: dict[str, float]) -> dict[str, dict[str, float]]:
         split, name = key.split(".", 1)
         out[split][name] = value
     return out
-
-
-def primary_metric(row: Row) -> str:
-    """The metric a row is selected on: AUC for impression scenarios (news), NDCG@10 otherwise."""
-    return "auc" if "auc" in row["valid"] else "ndcg@10"
 
 
 def evaluated(
@@ -163,43 +156,3 @@ def centralized_rows(
             if on_row:
                 on_row(rows[-1])
     return rows
-
-
-GLOBAL_MODELS = ("federated", "centralized")  # one model for every scenario: one round for all
-
-
-def select_rounds(rows: list[Row]) -> dict[str, Row]:
-    """Per scenario, the row of the round with the best *validation* primary metric (:func:`primary_metric`;
-    earliest round on ties).
-
-    Rows of one global model (federated, centralized) share one round, chosen on the mean over scenarios of
-    each scenario's validation primary metric relative to its best round (scale-free, so AUC ~0.6 and
-    NDCG@10 ~0.05 weigh alike); local rows are separate models, chosen per scenario.
-    """
-    chosen: dict[str, Row] = {}
-    by_round: dict[int, list[Row]] = {}
-    for row in rows:
-        by_round.setdefault(int(row["round"]), []).append(row)
-    if rows and rows[0]["reference"].split("-")[0] in GLOBAL_MODELS:
-        best: dict[str, float] = {}
-        for row in rows:
-            value = float(row["valid"][primary_metric(row)])
-            best[row["scenario"]] = max(best.get(row["scenario"], value), value)
-
-        def score(r: int) -> float:
-            return float(
-                np.mean(
-                    [
-                        x["valid"][primary_metric(x)] / best[x["scenario"]] if best[x["scenario"]] else 0.0
-                        for x in by_round[r]
-                    ]
-                )
-            )
-
-        chosen_round = max(sorted(by_round), key=score)
-        return {str(x["scenario"]): x for x in by_round[chosen_round]}
-    for row in sorted(rows, key=lambda x: int(x["round"])):
-        name = str(row["scenario"])
-        if name not in chosen or row["valid"][primary_metric(row)] > chosen[name]["valid"][primary_metric(row)]:
-            chosen[name] = row
-    return chosen

@@ -31,8 +31,9 @@ from shared.checkpoint import latest_checkpoint
 from shared.config import Config
 from shared.data import load_scenario
 from shared.demo import write_demo_federation
+from shared.metrics import select_rounds
 
-from .references import local_rows, popularity_rows, select_rounds
+from .references import local_rows, popularity_rows
 from .report import paired_table, results_table, write_outputs
 
 APP_DIR = Path(__file__).resolve().parents[1]

@@ -27,11 +27,11 @@ from server.launch import stop_children_on_signal
 from shared.checkpoint import checkpoint_dir, load_checkpoint
 from shared.config import Config
 from shared.files import atomic_write_text
-from shared.metrics import paired_bootstrap
+from shared.metrics import paired_bootstrap, primary_metric, select_rounds
 from shared.records import load_trainable
 
 from .benchmark import DEFAULT_SCENARIOS, convert, parse_sources, plan_run
-from .references import Row, evaluated, primary_metric, select_rounds, zero_shot_rows
+from .references import Row, evaluated, zero_shot_rows
 from .report import verdict
 from .simulate import federated_rows, load_datasets, run_cache
 

@@ -190,7 +190,7 @@ def test_pool_offsets_items_and_users_and_keeps_only_training_data(tiny_cfg, dem
 
 
 def test_global_models_share_one_round_chosen_scale_free():
-    from simulations.references import select_rounds
+    from shared.metrics import select_rounds
 
     def row(ref, rnd, name, value, metric):
         return {"reference": ref, "round": rnd, "scenario": name, "valid": {metric: value}, "test": {metric: 0.0}}

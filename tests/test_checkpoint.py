@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from shared.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from shared.checkpoint import chosen_checkpoint, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from shared.config import Config
 
 
@@ -39,3 +39,25 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path):
     _, loaded, _ = load_checkpoint(tmp_path / "checkpoints" / "round-0001", cfg)
     assert np.array_equal(loaded["a"], np.ones(2, np.float32))
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["round-0001"]
+
+
+def test_a_run_folder_reads_as_the_round_chosen_on_validation(tmp_path):
+    """Round 2 has the best mean of each scenario's validation metric relative to its best round (news
+    by AUC, shop by NDCG@10), round 3 is the latest: the run folder means round 2, round 3 stays reachable."""
+    cfg = Config()
+    valid = {1: (0.60, 0.040), 2: (0.66, 0.050), 3: (0.67, 0.030)}
+    for r, (auc, ndcg) in valid.items():
+        metrics = {"news": {"valid": {"auc": auc}, "test": {}}, "shop": {"valid": {"ndcg@10": ndcg}, "test": {}}}
+        save_checkpoint(tmp_path, r, {"a": np.full(2, r, np.float32)}, cfg, {"metrics": metrics})
+    assert chosen_checkpoint(tmp_path) == tmp_path / "checkpoints/round-0002"
+    _, folder, weights = read_checkpoint(tmp_path)
+    assert folder.name == "round-0002" and weights["a"][0] == 2
+    _, folder, weights = read_checkpoint(tmp_path / "checkpoints/round-0003")
+    assert folder.name == "round-0003" and weights["a"][0] == 3
+    # checkpoints without validation metrics (no evaluation): the latest
+    other = tmp_path / "other"
+    for r in (1, 2):
+        save_checkpoint(other, r, {"a": np.full(2, r, np.float32)}, cfg, {})
+    assert read_checkpoint(other)[1].name == "round-0002"
+    with pytest.raises(ValueError, match="neither a checkpoint folder nor a run folder"):
+        read_checkpoint(tmp_path / "missing")

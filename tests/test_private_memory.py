@@ -222,3 +222,32 @@ def test_serving_uses_the_private_memory_of_the_checkpoints_run(tiny_cfg, demo_d
     save_private(model, state / PRIVATE_FILE, "video", data.scenario.item_ids)
     again = Recommender(text_alone, [demo_dir / "video"], state_dirs=[state])
     torch.testing.assert_close(again.catalogs["video"].bias, bias, rtol=0, atol=0)
+
+
+def test_serving_a_round_uses_the_memory_that_round_was_evaluated_with(tmp_path):
+    """A checkpoint of round r is served with the copy of the memory the client kept after round r of that
+    run, not with its latest file (the run folder means the round chosen on validation, often not the last)."""
+    from client.serving import private_file
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints/round-0002"
+    checkpoint.mkdir(parents=True)
+    latest = run / "clients/news" / PRIVATE_FILE
+
+    def write(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        save_file({"memory.bias.weight": torch.zeros(1, 1)}, str(path), metadata={"scenario": "news"})
+        return path
+
+    write(latest)
+    assert private_file(checkpoint, "news", [], str(run)) == latest  # no round copy: the latest
+    kept = write(round_copy(latest, str(run), 2))
+    write(round_copy(latest, str(run), 3))
+    write(round_copy(latest, str(tmp_path / "another-run"), 2))
+    assert private_file(checkpoint, "news", [], str(run)) == kept
+    assert private_file(run / "checkpoints/round-0003", "news", [], str(run)).name == "round-0003.safetensors"
+    state = tmp_path / "state"  # a daemon's state folder given to the service: its copy of round 2 first
+    daemon = write(round_copy(state / PRIVATE_FILE, str(run), 2))
+    assert private_file(checkpoint, "news", [state], str(run)) == daemon
