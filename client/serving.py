@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from shared.checkpoint import WEIGHTS_FILE, read_checkpoint
+from shared.checkpoint import checkpoint_round, read_checkpoint, weights_digest
 from shared.config import Config, ServeConfig
 from shared.data import Scenario, load_scenario
 from shared.model import RecModel, full_encoder_items
@@ -86,16 +86,15 @@ def save_table(path: Path, table: torch.Tensor, bias: torch.Tensor) -> None:
 
 
 def private_file(checkpoint: Path, scenario: str, state_dirs: Sequence[Path], run_dir: str = "") -> Path | None:
-    """The scenario's private memory for a checkpoint of round r: in each given state folder written for
-    this scenario, then in the checkpoint's run folder (``RUN/clients/SCENARIO/``), the copy the client kept
-    after round r of that run (``private/<run key>/round-NNNN``, the memory that round was evaluated with),
-    else its latest ``private.safetensors``; None: serve from text alone."""
-    folders = [Path(d) for d in state_dirs] + [checkpoint.resolve().parents[1] / "clients" / scenario]
-    name = checkpoint.name
-    for folder in folders:
+    """The scenario's private memory for a checkpoint (or adapter export) of round r: in each given state
+    folder written for this scenario, then in the checkpoint's run folder (``RUN/clients/SCENARIO/``), the
+    copy the client kept after round r of run ``run_dir`` (``private/<run key>/round-NNNN``, the memory that
+    round was evaluated with), else its latest ``private.safetensors``; None: serve from text alone."""
+    run, server_round = checkpoint_round(checkpoint)
+    for folder in [Path(d) for d in state_dirs] + [run / "clients" / scenario]:
         paths = [folder / PRIVATE_FILE]
-        if name.startswith("round-") and name[6:].isdigit():
-            paths.insert(0, round_copy(folder / PRIVATE_FILE, run_dir, int(name[6:])))
+        if server_round is not None:
+            paths.insert(0, round_copy(folder / PRIVATE_FILE, run_dir, server_round))
         for path in paths:
             if path.is_file() and private_scenario(path) == scenario:
                 return path
@@ -116,7 +115,7 @@ class Recommender:
         cfg, folder, weights = read_checkpoint(checkpoint)
         self.cfg: Config = dataclasses.replace(cfg, serve=serve) if serve is not None else cfg
         self.checkpoint = folder
-        self.checkpoint_id = file_hash(folder / WEIGHTS_FILE)
+        self.checkpoint_id = weights_digest(weights)
         self.model = RecModel(self.cfg)
         load_trainable(self.model, weights)
         self.model.eval()

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from shared.checkpoint import export_adapter, load_checkpoint, save_checkpoint
+from shared.checkpoint import chosen_checkpoint, export_adapter, load_checkpoint, save_checkpoint
 from shared.config import Config
 from shared.model import RecModel
 from shared.records import from_arrayrecord, load_trainable, to_arrayrecord, trainable_state
@@ -66,7 +66,8 @@ def exchange(grid: Grid, strategy: CrossrecFedAvg, messages: Iterable[Message], 
 
 
 def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarray]:
-    """Run rounds ``done+1 .. fed.rounds``; checkpoint after each; export the final adapter."""
+    """Run rounds ``done+1 .. fed.rounds``; checkpoint after each; export the adapter of the round chosen on
+    validation; returns the final weights."""
     run_dir.mkdir(parents=True, exist_ok=True)
     done, arrays, model = initial_weights(cfg)
     strategy = CrossrecFedAvg(expected_from(arrays), cfg.fed)
@@ -108,6 +109,10 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
         summary = ", ".join(f"{r['scenario']} ndcg@10 {r['valid'].get('ndcg@10', float('nan')):.4f}" for r in rows)
         log.info("[ROUND %d/%d] done in %.1fs: valid %s", server_round, cfg.fed.rounds, time.time() - started, summary)
     final = from_arrayrecord(global_record)
-    load_trainable(model, final)
-    export_adapter(model, run_dir / "adapter")
+    chosen = chosen_checkpoint(run_dir)  # the adapter is the round chosen on validation, like a run folder
+    if chosen is not None:
+        server_round, arrays, _ = load_checkpoint(chosen, cfg)
+        load_trainable(model, arrays)
+        export_adapter(model, run_dir / "adapter", server_round)
+        log.info("exported the adapter of round %d (chosen on validation) to %s", server_round, run_dir / "adapter")
     return final

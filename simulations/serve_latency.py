@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 import torch
 
-from client.serving import cache_name, file_hash, save_table
-from shared.checkpoint import WEIGHTS_FILE, read_checkpoint
+from client.serving import cache_name, save_table
+from shared.checkpoint import read_checkpoint, weights_digest
 from shared.demo import GENERIC, TOPICS
 
 from .serving_cli import running_service
@@ -87,7 +87,11 @@ def measure(url: str, size: int, requests: int, rng: np.random.Generator) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/latest", help="run folder (its latest checkpoint is served)")
+    parser.add_argument(
+        "--run",
+        default="runs/latest",
+        help="run folder (the round chosen on validation is served), checkpoint folder or adapter export",
+    )
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", default="runs/serve-latency")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         table = torch.nn.functional.normalize(
             torch.randn(size, dim, generator=torch.Generator().manual_seed(size)), dim=-1
         )
-        save_table(cache / cache_name(file_hash(folder / WEIGHTS_FILE), texts), table, torch.zeros(size))
+        save_table(cache / cache_name(weights_digest(weights), texts), table, torch.zeros(size))
         with running_service(folder, [data], cache) as url:
             results[size] = measure(url + "/recommend", size, args.requests, rng)
         print(f"{size} items: {json.dumps(results[size])}", flush=True)

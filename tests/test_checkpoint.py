@@ -4,7 +4,14 @@ import json
 import numpy as np
 import pytest
 
-from shared.checkpoint import chosen_checkpoint, latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from shared.checkpoint import (
+    chosen_checkpoint,
+    export_adapter,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from shared.config import Config
 
 
@@ -59,5 +66,66 @@ def test_a_run_folder_reads_as_the_round_chosen_on_validation(tmp_path):
     for r in (1, 2):
         save_checkpoint(other, r, {"a": np.full(2, r, np.float32)}, cfg, {})
     assert read_checkpoint(other)[1].name == "round-0002"
-    with pytest.raises(ValueError, match="neither a checkpoint folder nor a run folder"):
+    with pytest.raises(ValueError, match="neither a checkpoint folder, an adapter export nor a run folder"):
         read_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "ffa"])
+def test_the_adapter_export_loads_elsewhere_in_peft_and_serves_alone(tiny_cfg, demo_dir, tmp_path, aggregation):
+    """Exported, moved to another folder: peft loads it on a fresh base model and reproduces crossrec's item
+    vectors (with the text adaptor from crossrec_head.safetensors), and the service serves from it alone
+    exactly what it serves from the checkpoint."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from client.serving import Recommender, Request
+    from client.training import build_model, prepare
+    from shared.data import load_scenario
+    from shared.model import mean_pool
+    from shared.records import trainable_state
+
+    cfg = dataclasses.replace(tiny_cfg, fed=dataclasses.replace(tiny_cfg.fed, aggregation=aggregation))
+    data = prepare(load_scenario(demo_dir / "video"), cfg)
+    model = build_model(cfg, data)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # a trained-looking shared model (the private memory stays zero)
+            if p.requires_grad and not p.shape == model.memory.residual.weight.shape:
+                p.add_(0.1 * torch.randn_like(p))
+    run = tmp_path / "run"
+    checkpoint = save_checkpoint(run, 2, trainable_state(model), cfg, {})
+    export_adapter(model, run / "adapter", 2)
+    moved = tmp_path / "elsewhere" / "adapter"
+    shutil.copytree(run / "adapter", moved)
+    peft_config = json.loads((moved / "adapter_config.json").read_text())
+    assert peft_config["task_type"] == "FEATURE_EXTRACTION"
+    assert peft_config["base_model_name_or_path"] == cfg.model.encoder  # the packaged default: its hub id
+    meta = json.loads((moved / "crossrec_config.json").read_text())
+    assert meta["round"] == 2 and meta["config"]["fed.aggregation"] == aggregation
+    assert not any(k.startswith("memory.") for k in meta["shapes"])
+
+    loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(cfg.model.encoder), str(moved)).eval()
+    head = load_file(str(moved / "crossrec_head.safetensors"))
+    texts = data.scenario.texts[:6]
+    tokens = AutoTokenizer.from_pretrained(cfg.model.encoder)(
+        texts, padding=True, truncation=True, max_length=cfg.model.max_length, return_tensors="pt"
+    )
+    with torch.no_grad():
+        text = mean_pool(loaded(**tokens).last_hidden_state, tokens["attention_mask"])
+        theirs = F.normalize(text @ head["adaptor.weight"].T + head["adaptor.bias"], dim=-1)
+        index = torch.arange(6)
+        ours = model.item_vectors(model.encode_catalog(index), index)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    _, folder, weights = read_checkpoint(moved)
+    original = trainable_state(model)
+    assert folder == moved and weights.keys() == original.keys()
+    assert all(np.array_equal(weights[k], original[k]) for k in original)
+    request = Request(scenario="video", user_id="video-user-0004", k=10)
+    from_export = Recommender(moved, [demo_dir / "video"]).recommend(request)
+    assert from_export == Recommender(checkpoint, [demo_dir / "video"]).recommend(request)
