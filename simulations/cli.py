@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+CHECKPOINT_HELP = "run folder (its round chosen on validation), checkpoint folder or adapter export"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crossrec", description="Federated multi-scenario recommendation.")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, text in (("recommend", "print recommendations from a checkpoint"), ("serve", "run the HTTP service")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest round)")
+        p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
         p.add_argument("--data", required=True, action="append", help="a scenario folder (repeat for several)")
         p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "crossrec"), help="item-vector cache")
         p.add_argument(
@@ -73,6 +75,20 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--weights", default=None, help='e.g. "engagement=1,satisfaction=0.5"')
             p.add_argument("--diversity", type=float, default=None)
             p.add_argument("--exclude-seen", action="store_true")
+    ev = sub.add_parser("evaluate", help="any checkpoint on any scenario folders, with the benchmark's protocol")
+    ev.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    ev.add_argument("--data", required=True, action="append", help="a scenario folder (repeat for several)")
+    ev.add_argument(
+        "--split", default="test", choices=["test", "valid"], help="split of the printed table (JSON: both)"
+    )
+    ev.add_argument("--references", default="", help="beside it: popularity, zero_shot (comma-separated)")
+    ev.add_argument(
+        "--state-dir", action="append", default=[], help="a client's state folder with its private item memory"
+    )
+    ev.add_argument("--json", default=None, help="write every figure to this JSON file")
+    check = sub.add_parser("check-data", help="load, validate and describe a scenario folder")
+    check.add_argument("folder", help="the scenario folder")
+    check.add_argument("--run-config", default="", help="the model config it must fit (model.objectives, ...)")
     certs = sub.add_parser("certs", help="make a local CA, a SuperLink certificate and SuperNode keys (for trying)")
     certs.add_argument("out", help="output folder (must not hold earlier certificates)")
     certs.add_argument("--host", action="append", default=[], help="a name or IP the SuperLink is reached at (repeat)")
@@ -138,6 +154,18 @@ def run(args: argparse.Namespace) -> int:
             )
         elif args.command == "convert":
             convert(args.format, args.src, args.out, args.name, args.lenient, args.force)
+        elif args.command == "evaluate":
+            from .assess import evaluate_checkpoint
+
+            references = [r.strip() for r in args.references.split(",") if r.strip()]
+            evaluate_checkpoint(args.checkpoint, args.data, references, args.state_dir, args.split, args.json)
+        elif args.command == "check-data":
+            from shared.config import Config
+
+            from .assess import check_data
+            from .simulate import parse_overrides
+
+            check_data(args.folder, Config.from_run_config(parse_overrides(args.run_config)))
         elif args.command in ("recommend", "serve"):
             from .serving_cli import recommend, serve
 

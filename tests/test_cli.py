@@ -102,3 +102,18 @@ def test_a_scenario_without_interactions_is_refused_and_nothing_is_written(tmp_p
     with pytest.raises(ValueError, match="'shop' has 240 items and 0 interactions: nothing to write"):
         write_scenario(tmp_path / "empty", empty, [])
     assert not (tmp_path / "empty").exists()
+
+
+def test_evaluate_and_check_data_bad_input_is_one_line(tmp_path, capsys, demo_dir):
+    cases = [
+        (["evaluate", "--checkpoint", str(tmp_path), "--data", str(demo_dir / "shop")], "neither a checkpoint folder"),
+        (["check-data", str(tmp_path / "nowhere")], str(tmp_path / "nowhere")),
+        (["check-data", str(demo_dir / "shop"), "--run-config", "model.objectives=clicks"], "declares objectives"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert main(["check-data", str(demo_dir / "shop")]) == 0
+    out = capsys.readouterr().out
+    assert "scenario: shop" in out and "evaluated users: 360" in out and out.strip().endswith("ok")

@@ -66,6 +66,22 @@ def test_simulation_end_to_end_then_resume_from_round_1(tiny_cfg, tmp_path):
     assert all(0 < d["clipped_to"] <= d["update_norm"] for d in weighed)
     assert not flower_processes(str(first)), "a Flower process outlived the run"
 
+    # `crossrec evaluate` on the run folder, and on its adapter export alone, gives the run's own figures
+    from simulations.cli import main
+
+    for checkpoint in (first, first / "adapter"):
+        out = tmp_path / f"evaluate-{checkpoint.name}.json"
+        folders = [str(first / "data" / s) for s in ("shop", "video", "news")]
+        args = ["evaluate", "--checkpoint", str(checkpoint), "--references", "popularity", "--json", str(out)]
+        assert main([*args, *(x for f in folders for x in ("--data", f))]) == 0
+        judged = json.loads(out.read_text())
+        assert judged["round"] == summary["selected_round"]["shop"]["federated"]
+        for name, refs in summary["scenarios"].items():
+            assert judged["private_memory"][name] is not None
+            for ref, mine in (("federated", "checkpoint"), ("popularity", "popularity")):
+                assert judged["scenarios"][name][mine] == pytest.approx(refs[ref], abs=1e-6), (name, ref)
+    assert main(["check-data", str(first / "data" / "news")]) == 0
+
     # resume from the round-1 checkpoint: only round 2 runs, and it reproduces the uninterrupted round 2
     resumed = simulate(
         overrides(tiny_cfg, **{"fed.rounds": 2, "run.resume": str(first / "checkpoints/round-0001")}),
