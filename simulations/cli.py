@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +14,8 @@ CHECKPOINT_HELP = "run folder (its round chosen on validation), checkpoint folde
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crossrec", description="Federated multi-scenario recommendation.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--debug", action="store_true", help="debug logs, and the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a local federated simulation with its reference points")
     sim.add_argument("--run-config", default="", help='overrides, e.g. "fed.rounds=4 train.lr=0.001"')
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--run-config", default="", help="config the data is checked against (model.objectives, ...)")
     args = parser.parse_args(argv)
 
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel("DEBUG" if args.debug else args.log_level)
+    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
     warnings.filterwarnings("ignore")
     from server.launch import stop_children_on_signal
 
@@ -172,9 +178,19 @@ def run(args: argparse.Namespace) -> int:
             (recommend if args.command == "recommend" else serve)(args)
         elif args.command in ("certs", "superlink", "submit", "client"):
             deploy(args)
-    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # bad input, a failed step: what to fix, in one line
+        if args.debug:
+            raise
         print(f"crossrec: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - a fault of crossrec itself: one line, the traceback on request
+        if args.debug:
+            raise
+        print(
+            f"crossrec: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

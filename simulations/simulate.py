@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -36,6 +37,7 @@ from shared.metrics import select_rounds
 from .references import local_rows, popularity_rows
 from .report import paired_table, results_table, write_outputs
 
+log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]
 CACHE = "cache"  # RUN/cache: the run's frozen prefixes and text tables (run.cache-dir), removed at the end
 
@@ -92,7 +94,7 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
     if datasets is None:
         write_demo_federation(data_dir, seed=demo_seed)
         datasets = load_datasets(data_dir, cfg)
-    print(f"crossrec: run folder {run_dir}")
+    log.info("run folder %s", run_dir)
 
     timings: dict[str, float] = {}
     federated: list[tuple[list[dict[str, Any]], Path]] = []
@@ -117,13 +119,12 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
             for d in datasets:
 
                 def show(row: dict[str, Any]) -> None:
-                    print(
-                        f"  local {row['scenario']} round {row['round']}/{cfg.fed.rounds}: "
-                        f"valid ndcg@10 {row['valid']['ndcg@10']:.4f}",
-                        flush=True,
+                    log.info(
+                        "local %s round %d/%d: valid ndcg@10 %.4f",
+                        *(row["scenario"], row["round"], cfg.fed.rounds, row["valid"]["ndcg@10"]),
                     )
 
-                print(f"crossrec: local reference for {d.scenario.name}", flush=True)
+                log.info("local reference for %s", d.scenario.name)
                 local += local_rows(beside, d, show, run_dir / "local")
                 if failures:
                     break
@@ -162,24 +163,24 @@ def simulate(run_config: str = "", data: str | None = None, runs_dir: str = "run
 
 
 def load_datasets(data_dir: Path, cfg: Config) -> list[LocalData]:
-    """The scenarios of ``data.scenarios`` from ``data_dir``, validated and split; prints their sizes."""
+    """The scenarios of ``data.scenarios`` from ``data_dir``, validated and split; logs their sizes."""
     datasets = [
         prepare(load_scenario(data_dir / name, lenient=cfg.data.lenient), cfg) for name in cfg.data.scenario_names
     ]
     for d in datasets:
-        log = d.scenario.impressions
+        impressions = d.scenario.impressions
         evaluated = (
             f"{len(d.split.eval_users)} evaluated users"
-            if log is None
-            else f"{len(log.impression_ids)} impressions ({len(d.split.valid_impressions)} validation, "
+            if impressions is None
+            else f"{len(impressions.impression_ids)} impressions ({len(d.split.valid_impressions)} validation, "
             f"{len(d.split.test_impressions)} test)"
         )
-        print(
-            f"  scenario {d.scenario.name}: {d.scenario.num_items} items, {len(d.scenario.users)} users, "
-            f"{d.scenario.num_interactions} interactions, {evaluated}"
+        log.info(
+            "scenario %s: %d items, %d users, %d interactions, %s",
+            *(d.scenario.name, d.scenario.num_items, len(d.scenario.users), d.scenario.num_interactions, evaluated),
         )
         for reason, count in d.scenario.skipped.items():
-            print(f"    skipped {count} rows: {reason}")
+            log.warning("scenario %s: skipped %d rows: %s", d.scenario.name, count, reason)
     return datasets
 
 
@@ -188,7 +189,7 @@ def federated_rows(
 ) -> tuple[list[dict[str, Any]], Path]:
     """The real Flower simulation (one SuperNode per scenario) writing into ``run_dir``; returns its
     metrics rows and final checkpoint. The SuperLink and everything below it are stopped on return."""
-    print(f"crossrec: federated simulation, {num_scenarios} SuperNodes, {rounds} rounds", flush=True)
+    log.info("federated simulation, %d SuperNodes, %d rounds", num_scenarios, rounds)
     run_dir.mkdir(parents=True, exist_ok=True)
     flower = {**overrides, "run.dir": str(run_dir), "train.threads": 1}  # one thread per simulated client
     with simulation_superlink(run_dir / ".flwr", run_dir / "superlink.log"):

@@ -117,3 +117,18 @@ def test_evaluate_and_check_data_bad_input_is_one_line(tmp_path, capsys, demo_di
     assert main(["check-data", str(demo_dir / "shop")]) == 0
     out = capsys.readouterr().out
     assert "scenario: shop" in out and "evaluated users: 360" in out and out.strip().endswith("ok")
+
+
+def test_debug_shows_the_traceback_and_a_fault_is_one_line_without_it(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ValueError, match="'train.seed' = -5"):
+        main(["--debug", "simulate", "--runs-dir", str(tmp_path), "--run-config", "train.seed=-5"])
+
+    def broken(*args, **kwargs):
+        raise KeyError("a fault of crossrec itself")
+
+    monkeypatch.setattr("simulations.simulate.simulate", broken)
+    assert main(["simulate", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "internal error: KeyError" in err and "--debug" in err
+    with pytest.raises(KeyError):
+        main(["--debug", "simulate", "--runs-dir", str(tmp_path)])
