@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -131,8 +132,10 @@ def frozen_prefix(
         mask = tokens["attention_mask"]
         lengths = mask.sum(1)
         states = torch.zeros(len(texts), max_length, int(model.config.hidden_size))
+        batches = by_length(lengths, batch_size)
+        bar = tqdm(batches, total=-(-len(texts) // batch_size), desc="frozen encoder", unit="batch", disable=None)
         with torch.no_grad():
-            for rows in by_length(lengths, batch_size):
+            for rows in bar:  # a bar on a terminal only (disable=None): minutes for a large catalog
                 length = int(lengths[rows].max())
                 out = model(
                     input_ids=tokens["input_ids"][rows, :length],
@@ -494,7 +497,9 @@ class RecModel(nn.Module):
         was_training = self.encoder.training
         self.encoder.eval()
         vectors = torch.empty(len(index), int(self.bert.config.hidden_size))
-        for rows in by_length(self._mask[index].sum(1), batch_size):
+        batches = by_length(self._mask[index].sum(1), batch_size)
+        total = -(-len(index) // batch_size)
+        for rows in tqdm(batches, total=total, desc="item vectors", unit="batch", disable=None, leave=False):
             vectors[rows] = self.encode_items(index[rows])
         self.encoder.train(was_training)
         return vectors
