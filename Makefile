@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# the edit-test loop: unit tests only (no Flower runs, no real MiniLM, no services, no public data)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not deployment and not serving and not realdata" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import cast
 
@@ -17,6 +19,7 @@ from shared.records import (
     INFO,
     METRICS,
     NUM_EXAMPLES,
+    PRIVACY_SPENT,
     from_arrayrecord,
     load_trainable,
     to_arrayrecord,
@@ -24,10 +27,11 @@ from shared.records import (
 )
 
 from .evaluation import PerUser, eval_file, evaluate, save_per_user
-from .privacy import DPSGD, ledger_path, open_ledger
+from .privacy import DPSGD, Ledger, ledger_path, open_ledger
 from .state import PRIVATE_FILE, load_private, private_source, round_copy, save_private, state_folder
 from .training import LocalData, build_model, prepare, train_round
 
+log = logging.getLogger("flwr").getChild("crossrec")  # shown with the client's Flower log lines
 app = ClientApp()
 
 
@@ -97,6 +101,23 @@ def client_model(cfg: Config, context: Context, data: LocalData, msg: Message, u
     return model
 
 
+def behind_the_record(cfg: Config, ledger: Ledger, path: Path, record: dict[str, float] | None) -> str | None:
+    """Why a private client must not train with this ledger: it records less epsilon spent than the server
+    has on record for its scenario (a ledger lost, emptied, replaced by an older copy, or a resumed run
+    that did not find its ledger), unless ``privacy.new-budget`` says a new budget is meant (logged)."""
+    if record is None or ledger.epsilon() >= float(record["epsilon"]) - 1e-9:
+        return None
+    why = (
+        f"privacy ledger {path} of scenario '{ledger.scenario}' records epsilon {ledger.epsilon():.3f} spent, but "
+        f"the federation's checkpoints record {float(record['epsilon']):.3f}: the ledger is missing, emptied or "
+        "older than the run; restore it (a deliberately new budget: a new state folder and privacy.new-budget = true)"
+    )
+    if cfg.privacy.new_budget:
+        log.warning("privacy.new-budget = true, so training anyway: %s", why)
+        return None
+    return why
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the global weights and this client's private memory, train locally (DP-SGD when
@@ -115,7 +136,10 @@ def train(msg: Message, context: Context) -> Message:
     path = ledger_path(cfg, context.node_config, data.scenario.name)
     ledger = open_ledger(cfg, path, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
     spent = {"privacy.epsilon": ledger.epsilon(), "privacy.delta": ledger.delta}
-    refusal = ledger.refusal(cfg.train.local_steps)
+    on_record = json.loads(str(msg.content.config_records[CONFIG].get(PRIVACY_SPENT, "{}")))
+    refusal = behind_the_record(cfg, ledger, path, on_record.get(data.scenario.name)) or ledger.refusal(
+        cfg.train.local_steps
+    )
     if refusal is not None:
         return _reply(msg, data, spent, refused=refusal)
     model = client_model(cfg, context, data, msg, server_round - 1)

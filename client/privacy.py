@@ -98,6 +98,30 @@ class Ledger:
         return ledger
 
 
+def ledger_status(state_dir: str | Path) -> dict[str, object]:
+    """What a client's ledger (``STATE/privacy-ledger.json``) says: target, spent, steps, the rounds trained
+    and how many more rounds of the same length fit in the budget."""
+    path = Path(state_dir) / LEDGER
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: no private round was trained with this state folder")
+    ledger = Ledger.load(path)
+    per_round = ledger.steps // len(ledger.rounds) if ledger.rounds else ledger.planned_steps
+    remaining = 0
+    while per_round and ledger.epsilon(per_round * (remaining + 1)) <= ledger.target_epsilon:
+        remaining += 1
+    return {
+        "scenario": ledger.scenario,
+        "target epsilon": ledger.target_epsilon,
+        "delta": ledger.delta,
+        "epsilon spent": round(ledger.epsilon(), 4),
+        "steps": ledger.steps,
+        "rounds trained": ledger.rounds,
+        "noise multiplier": round(ledger.noise_multiplier, 4),
+        "sample rate": round(ledger.sample_rate, 6),
+        f"rounds remaining ({per_round} steps each)": remaining,
+    }
+
+
 def plan(cfg: Config, scenario: str, num_users: int, trainable_users: int) -> Ledger:
     """A fresh ledger: delta, sample rate and the noise multiplier for the whole planned run."""
     p = cfg.privacy

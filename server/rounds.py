@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from shared.checkpoint import chosen_checkpoint, export_adapter, load_checkpoint, save_checkpoint
 from shared.config import Config
 from shared.model import RecModel
-from shared.records import from_arrayrecord, load_trainable, to_arrayrecord, trainable_state
+from shared.records import PRIVACY_SPENT, from_arrayrecord, load_trainable, to_arrayrecord, trainable_state
 
 from .strategy import CrossrecFedAvg, expected_from
 
@@ -72,10 +72,12 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
     done, arrays, model = initial_weights(cfg)
     strategy = CrossrecFedAvg(expected_from(arrays), cfg.fed)
     global_record = to_arrayrecord(arrays)
+    spent = load_checkpoint(cfg.run.resume, cfg)[2].get("privacy", {}) if cfg.run.resume else {}
     for server_round in range(done + 1, cfg.fed.rounds + 1):
         started = time.time()
         log.info("[ROUND %d/%d] training", server_round, cfg.fed.rounds)
-        messages = strategy.configure_train(server_round, global_record, ConfigRecord(), grid)
+        config = ConfigRecord({PRIVACY_SPENT: json.dumps(spent)})  # a client's ledger must not be behind it
+        messages = strategy.configure_train(server_round, global_record, config, grid)
         replies = exchange(grid, strategy, messages, cfg)
         new_record, _ = strategy.aggregate_train(server_round, replies)
         if new_record is None:
@@ -88,6 +90,11 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
         replies = exchange(grid, strategy, messages, cfg)
         strategy.aggregate_evaluate(server_round, replies)
         rows = metric_lines(server_round, strategy)
+        for row in rows:  # what each private client reported spent, kept for the scenarios that skip a round
+            if "privacy.epsilon" in row["train"]:
+                epsilon, delta = row["train"]["privacy.epsilon"], row["train"]["privacy.delta"]
+                old = spent.get(row["scenario"], {}).get("epsilon", 0.0)
+                spent[row["scenario"]] = {"epsilon": max(epsilon, old), "delta": delta}
         with (run_dir / METRICS_FILE).open("a") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in rows)
         save_checkpoint(
@@ -97,11 +104,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
             cfg,
             {
                 "metrics": {r["scenario"]: {"valid": r["valid"], "test": r["test"]} for r in rows},
-                "privacy": {  # epsilon spent so far, as each private client reported it this round
-                    r["scenario"]: {"epsilon": r["train"]["privacy.epsilon"], "delta": r["train"]["privacy.delta"]}
-                    for r in rows
-                    if "privacy.epsilon" in r["train"]
-                },
+                "privacy": spent,  # epsilon spent so far by each private scenario, as its client reported it
                 "dropped": strategy.dropped,
                 "aggregation": strategy.decisions,  # per reply: claimed examples, share, update norm, clipped norm
             },

@@ -167,6 +167,9 @@ class PrivacyConfig:
     epsilon: float = 0.0  # target epsilon for fed.rounds x train.local-steps steps; 0 = no differential privacy
     delta: float = 0.0  # 0 = 1 / (10 x the scenario's number of users)
     max_grad_norm: float = 1.0  # per-user clipping bound
+    # true: a client whose ledger is behind the epsilon the server has on record for its scenario trains anyway
+    # (a deliberately new budget, logged); false: it refuses (a lost or replaced ledger never resets epsilon)
+    new_budget: bool = False
 
     def __post_init__(self) -> None:
         for key in ("epsilon", "delta"):

@@ -19,6 +19,9 @@ METRICS = "metrics"  # MetricRecord: numbers, incl. NUM_EXAMPLES
 CONFIG = "config"  # ConfigRecord: round settings (server -> client)
 INFO = "info"  # ConfigRecord: scenario name, refusal reasons (client -> server)
 NUM_EXAMPLES = "num-examples"
+# in the train CONFIG: JSON {scenario: {"epsilon": e, "delta": d}}, the epsilon the server has on record as
+# spent by each scenario (its checkpoints' double entry of every client's privacy ledger)
+PRIVACY_SPENT = "privacy-spent"
 
 
 def shared_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-data", help="load, validate and describe a scenario folder")
     check.add_argument("folder", help="the scenario folder")
     check.add_argument("--run-config", default="", help="the model config it must fit (model.objectives, ...)")
+    status = sub.add_parser("privacy-status", help="what a client's privacy ledger says: target, spent, remaining")
+    status.add_argument("--state-dir", required=True, help="the client's state folder (simulation: RUN/clients/NAME)")
     certs = sub.add_parser("certs", help="make a local CA, a SuperLink certificate and SuperNode keys (for trying)")
     certs.add_argument("out", help="output folder (must not hold earlier certificates)")
     certs.add_argument("--host", action="append", default=[], help="a name or IP the SuperLink is reached at (repeat)")
@@ -119,9 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--run-config", default="", help="config the data is checked against (model.objectives, ...)")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger().setLevel("DEBUG" if args.debug else args.log_level)
-    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines
+    root = logging.getLogger()
+    if not root.handlers:  # (a host application's or pytest's handlers stay as they are)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.addFilter(lambda record: not record.name.startswith("flwr"))  # Flower prints its own lines
+        root.addHandler(handler)
+    root.setLevel("DEBUG" if args.debug else args.log_level)
     warnings.filterwarnings("ignore")
     from server.launch import stop_children_on_signal
 
@@ -172,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
             from .simulate import parse_overrides
 
             check_data(args.folder, Config.from_run_config(parse_overrides(args.run_config)))
+        elif args.command == "privacy-status":
+            from client.privacy import ledger_status
+
+            for key, value in ledger_status(args.state_dir).items():
+                print(f"{key}: {value}")
         elif args.command in ("recommend", "serve"):
             from .serving_cli import recommend, serve
 

@@ -13,14 +13,14 @@ from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
 from client.app import train
-from client.privacy import DPSGD, LEDGER, Ledger, epsilon_of, ledger_path, open_ledger, plan
+from client.privacy import DPSGD, LEDGER, Ledger, epsilon_of, ledger_path, ledger_status, open_ledger, plan
 from client.training import Batch, build_model, loss_fn, make_batch, prepare, sample_users, train_round
 from server.rounds import initial_weights
 from server.strategy import CrossrecFedAvg, expected_from
 from shared.config import Config
 from shared.data import load_scenario
 from shared.model import PRIVATE_PREFIX
-from shared.records import ARRAYS, CONFIG, INFO, METRICS, shared_parameters, to_arrayrecord
+from shared.records import ARRAYS, CONFIG, INFO, METRICS, PRIVACY_SPENT, shared_parameters, to_arrayrecord
 
 pytestmark = pytest.mark.privacy
 
@@ -242,9 +242,10 @@ def _context(cfg: Config, demo_dir, scenario: str, state_dir) -> Context:
     return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=cfg.to_flat())
 
 
-def _train_message(cfg: Config, server_round: int) -> Message:
+def _train_message(cfg: Config, server_round: int, on_record: dict | None = None) -> Message:
     _, weights, _ = initial_weights(cfg)
-    content = RecordDict({ARRAYS: to_arrayrecord(weights), CONFIG: ConfigRecord({"server-round": server_round})})
+    config = ConfigRecord({"server-round": server_round, PRIVACY_SPENT: json.dumps(on_record or {})})
+    content = RecordDict({ARRAYS: to_arrayrecord(weights), CONFIG: config})
     return Message(content, dst_node_id=7, message_type="train")
 
 
@@ -385,3 +386,46 @@ def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cf
             model.train()
             loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
             DPSGD.step(dp_optimizer, model)
+
+
+def test_a_ledger_behind_the_servers_record_refuses_to_train(tiny_cfg, demo_dir, tmp_path, caplog):
+    """Fail closed: the server sends the epsilon its checkpoints record per scenario; a client whose ledger
+    is missing, emptied or older than that refuses (nothing spent, nothing sent), unless a new budget is
+    asked for explicitly (then it trains, and says so in the log)."""
+    cfg = Config.from_run_config(private(tiny_cfg).to_flat() | {"fed.rounds": 3})
+    state = tmp_path / "state"
+    first = train(_train_message(cfg, 1), _context(cfg, demo_dir, "video", state))
+    spent = first.content.metric_records[METRICS]["privacy.epsilon"]
+    record = {"video": {"epsilon": spent, "delta": 1 / 3600}, "shop": {"epsilon": 99.0, "delta": 1e-4}}
+    kept = (state / LEDGER).read_text()
+
+    for damage in ("deleted", "emptied"):
+        if damage == "deleted":
+            (state / LEDGER).unlink()
+        else:
+            fresh = json.loads(kept)
+            fresh["history"], fresh["rounds"] = [], []
+            (state / LEDGER).write_text(json.dumps(fresh))
+        refused = train(_train_message(cfg, 2, record), _context(cfg, demo_dir, "video", state))
+        why = refused.content.config_records[INFO]["refused"]
+        assert ARRAYS not in refused.content.array_records, damage
+        assert f"records epsilon 0.000 spent, but the federation's checkpoints record {spent:.3f}" in why, why
+        assert "privacy.new-budget" in why
+        assert not (state / LEDGER).exists() or Ledger.load(state / LEDGER).steps == 0  # nothing recorded
+
+    # the intact ledger trains on, and says where it stands; a deliberately new budget is logged
+    (state / LEDGER).write_text(kept)
+    from simulations.cli import main
+
+    assert main(["privacy-status", "--state-dir", str(state)]) == 0
+    status = ledger_status(state)
+    assert status["epsilon spent"] == pytest.approx(spent, abs=1e-4) and status["rounds trained"] == [1]
+    assert status["rounds remaining (3 steps each)"] == 2  # planned: fed.rounds = 3
+    assert (
+        ARRAYS in train(_train_message(cfg, 2, record), _context(cfg, demo_dir, "video", state)).content.array_records
+    )
+    (state / LEDGER).unlink()
+    again = Config.from_run_config(cfg.to_flat() | {"privacy.new-budget": True})
+    with caplog.at_level("WARNING", logger="flwr.crossrec"):
+        reply = train(_train_message(again, 2, record), _context(again, demo_dir, "video", state))
+    assert ARRAYS in reply.content.array_records and "privacy.new-budget = true, so training anyway" in caplog.text
