@@ -149,3 +149,43 @@ def test_a_stopped_job_leaves_no_process_behind(tiny_cfg, tmp_path, kind):
         for p in seen.values():
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_a_new_scenario_is_checked_judged_and_joins_a_resumed_federation(tiny_cfg, tmp_path, capsys):
+    """An organisation brings its own canonical folder: `check-data` accepts it, `evaluate` judges the
+    current global checkpoint on it from text alone (it has no private memory yet), and it joins the
+    federation when the simulation resumes from the latest checkpoint with its folder added."""
+    import shutil
+
+    from simulations.cli import main
+
+    runs = tmp_path / "runs"
+    first = simulate(overrides(tiny_cfg, **{"fed.rounds": 1}), runs_dir=str(runs))
+    data = tmp_path / "data"
+    shutil.copytree(first / "data", data)
+    shutil.copytree(data / "shop", data / "books")  # the newcomer's own log (the shop generator's, renamed)
+    spec = json.loads((data / "books/scenario.json").read_text())
+    (data / "books/scenario.json").write_text(json.dumps(spec | {"name": "books"}))
+
+    assert main(["check-data", str(data / "books")]) == 0
+    out = tmp_path / "books.json"
+    assert main(["evaluate", "--checkpoint", str(first), "--data", str(data / "books"), "--json", str(out)]) == 0
+    judged = json.loads(out.read_text())
+    assert judged["round"] == 1 and judged["private_memory"] == {"books": None}
+    assert 0 <= judged["scenarios"]["books"]["checkpoint"]["ndcg@10"] <= 1
+
+    settings = {
+        "fed.rounds": 2,
+        "fed.min-clients": 4,
+        "data.scenarios": "shop,video,news,books",
+        "run.resume": str(first / "checkpoints/round-0001"),
+    }
+    joined = simulate(overrides(tiny_cfg, **settings), data=str(data), runs_dir=str(runs))
+    rows = [json.loads(line) for line in (joined / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["round"], r["scenario"]) for r in rows if r["reference"] == "federated"} == {
+        (2, s) for s in ("shop", "video", "news", "books")
+    }
+    meta = json.loads((joined / "checkpoints/round-0002/meta.json").read_text())
+    assert {d["scenario"] for d in meta["aggregation"]} == {"shop", "video", "news", "books"}
+    assert (joined / "clients/books/private.safetensors").is_file()  # the newcomer now has its own memory
+    assert not flower_processes(str(joined))
