@@ -29,23 +29,27 @@ from shared.records import (
 from .evaluation import PerUser, eval_file, evaluate, save_per_user
 from .privacy import DPSGD, Ledger, ledger_path, open_ledger
 from .state import PRIVATE_FILE, load_private, private_source, round_copy, save_private, state_folder
-from .training import LocalData, build_model, prepare, train_round
+from .training import LocalData, build_model, prepare, shard, train_round
 
 log = logging.getLogger("flwr").getChild("crossrec")  # shown with the client's Flower log lines
 app = ClientApp()
 
 
 def scenario_folder(cfg: Config, node_config: dict[str, bool | int | float | str]) -> Path:
-    """Deployment: node config ``scenario`` + ``data-dir``; simulation: partition-id -> ``data.scenarios``."""
+    """Deployment: node config ``scenario`` + ``data-dir``; simulation: partition-id p -> the scenario
+    ``data.scenarios[p // data.shards]`` (shard ``p % data.shards`` of its users: :func:`shard`)."""
     if "data-dir" in node_config:
         return Path(str(node_config["data-dir"]))
     names = cfg.data.scenario_names
     pid = int(node_config["partition-id"])
-    if pid >= len(names):
-        raise ValueError(f"partition-id {pid} has no scenario: data.scenarios = {cfg.data.scenarios!r}")
+    if pid >= len(names) * cfg.data.shards:
+        raise ValueError(
+            f"partition-id {pid} has no scenario: data.scenarios = {cfg.data.scenarios!r}, "
+            f"data.shards = {cfg.data.shards}"
+        )
     if not cfg.data.dir:
         raise ValueError("config key 'data.dir' is empty: set it to the folder holding the scenario folders")
-    return Path(cfg.data.dir) / names[pid]
+    return Path(cfg.data.dir) / names[pid // cfg.data.shards]
 
 
 def setup(context: Context) -> tuple[Config, LocalData]:
@@ -54,7 +58,10 @@ def setup(context: Context) -> tuple[Config, LocalData]:
     expected = context.node_config.get("scenario")
     if expected is not None and expected != scenario.name:
         raise ValueError(f"node config scenario={expected!r} but the data folder holds scenario {scenario.name!r}")
-    return cfg, prepare(scenario, cfg)
+    data = prepare(scenario, cfg)
+    if "data-dir" in context.node_config:
+        return cfg, data
+    return cfg, shard(data, int(context.node_config["partition-id"]) % cfg.data.shards, cfg.data.shards)
 
 
 def _reply(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import zlib
 from dataclasses import dataclass
@@ -50,6 +51,34 @@ def prepare(scenario: Scenario, cfg: Config) -> LocalData:
     if len(split.eval_users) == 0:
         raise ValueError(f"scenario '{scenario.name}': no user has the three interactions evaluation needs")
     return LocalData(scenario, split, users, int((lengths[users] - 1).sum()))
+
+
+def shard(data: LocalData, index: int, count: int) -> LocalData:
+    """One of ``count`` clients that split a scenario's users (user index mod ``count`` == ``index``): its
+    trainable users, evaluated users and impressions only, under the name ``SCENARIO-INDEX`` (the catalog
+    is the scenario's; the simulation of many clients on one machine uses it)."""
+    if count == 1:
+        return data
+    s = data.split
+    keep = s.eval_users % count == index
+    log = data.scenario.impressions
+    positions = {}
+    for name in ("valid_impressions", "test_impressions"):
+        at = getattr(s, name)
+        positions[name] = at if log is None else at[log.users[at] % count == index]
+    split = dataclasses.replace(
+        s,
+        eval_users=s.eval_users[keep],
+        valid_target=s.valid_target[keep],
+        test_target=s.test_target[keep],
+        **positions,
+    )
+    users = data.trainable_users[data.trainable_users % count == index]
+    if len(users) == 0:
+        raise ValueError(f"scenario '{data.scenario.name}' has no trainable user for shard {index} of {count}")
+    scenario = dataclasses.replace(data.scenario, name=f"{data.scenario.name}-{index}")
+    examples = int(sum(len(s.train[u]) - 1 for u in users))
+    return dataclasses.replace(data, scenario=scenario, split=split, trainable_users=users, num_examples=examples)
 
 
 def history_tensor(sequences: list[np.ndarray], length: int) -> torch.Tensor:

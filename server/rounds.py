@@ -106,6 +106,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, np.ndarr
                 "metrics": {r["scenario"]: {"valid": r["valid"], "test": r["test"]} for r in rows},
                 "privacy": spent,  # epsilon spent so far by each private scenario, as its client reported it
                 "dropped": strategy.dropped,
+                "seconds": round(time.time() - started, 3),  # the round's wall time: training, aggregation, evaluation
                 "aggregation": strategy.decisions,  # per reply: claimed examples, share, update norm, clipped norm
             },
         )

@@ -193,11 +193,14 @@ class DataConfig:
     dir: str = ""  # folder holding one sub-folder per scenario in the canonical format
     scenarios: str = "shop,video,news"
     lenient: bool = False  # skip malformed rows (and report them) instead of failing
+    shards: int = 1  # simulation: clients per scenario, each with a disjoint share of its users (scale tests)
 
     def __post_init__(self) -> None:
         names = _names(self.scenarios)
         if not names or len(set(names)) != len(names):
             _fail("data.scenarios", self.scenarios, "needs distinct comma-separated names")
+        if self.shards < 1:
+            _fail("data.shards", self.shards, "must be >= 1")
 
     @property
     def scenario_names(self) -> tuple[str, ...]:
