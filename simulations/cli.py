@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 CHECKPOINT_HELP = "run folder (its round chosen on validation), checkpoint folder or adapter export"
@@ -128,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(lambda record: not record.name.startswith("flwr"))  # Flower prints its own lines
         root.addHandler(handler)
     root.setLevel("DEBUG" if args.debug else args.log_level)
-    warnings.filterwarnings("ignore")
     from server.launch import stop_children_on_signal
 
     guard = stop_children_on_signal() if args.command in ("simulate", "benchmark") else contextlib.nullcontext()
