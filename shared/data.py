@@ -10,7 +10,8 @@ A scenario is a folder with three files (UTF-8):
     ``category`` (str) and ``value`` (number, e.g. price or margin).
 ``interactions.jsonl``
     One JSON object per line: ``user_id`` (str), ``item_id`` (str, in the catalog),
-    ``timestamp`` (number; order within a user, ties broken by item id: integer ids numerically), and for every labelled
+    ``timestamp`` (number; order within a user, ties broken by item id: integer ids numerically; optional: a
+    log without any timestamp is ordered by its lines, and ``Scenario.order`` says which), and for every labelled
     objective other than the first an optional 0/1 field of that name (missing = unlabelled).
 ``impressions.jsonl`` (optional: impression scenarios such as news)
     One JSON object per line: ``impression_id`` (integer >= 0, unique), ``user_id`` (str, in the log),
@@ -86,6 +87,7 @@ class Scenario:
     values: np.ndarray | None = None  # (N,) item value (price, margin, ...), nan where unknown; None: no values
     skipped: dict[str, int] = field(default_factory=dict)  # lenient mode: reason -> rows skipped
     impressions: ImpressionLog | None = None  # impression scenarios (news): evaluated on impressions
+    order: str = "timestamp"  # what orders each user's log: "timestamp", or "line order" (a log without timestamps)
 
     @property
     def num_items(self) -> int:
@@ -279,12 +281,22 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
     labelled = [o for o in objectives[1:]]
     rows: dict[str, list[tuple[float, int, list[float]]]] = {}
     inter_path = folder / INTERACTIONS_FILE
+    timed: bool | None = None  # every row has a timestamp, or none has (then the line order is the order)
     for lineno, obj in _read_jsonl(inter_path, lenient, skipped):
         where = f"{inter_path}:{lineno}"
         try:
             user = _field(obj, "user_id", "str", where)
             item = _field(obj, "item_id", "str", where)
-            ts = _field(obj, "timestamp", "number", where)
+            ts = _field(obj, "timestamp", "number", where, required=False)
+            if timed is None:
+                timed = ts is not None
+            if (ts is not None) != timed:
+                raise DataError(
+                    f"{where}: field 'timestamp' is {'missing' if timed else 'given'}, but the first row "
+                    f"{'has one' if timed else 'has none'}: give a timestamp on every row or on none "
+                    "(then the order of the lines is the order of each user's interactions)"
+                )
+            ts = ts if timed else lineno
             if item not in item_index:
                 raise DataError(f"{where}: field 'item_id' {item!r} is not in {ITEMS_FILE}")
             labs = [_field(obj, o, "label", where, required=False) for o in labelled]
@@ -312,6 +324,10 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
             labels[o].append(np.asarray([e[2][j] for e in events], dtype=np.float32))
     impressions = None
     if (folder / IMPRESSIONS_FILE).is_file():
+        if not timed:
+            raise DataError(
+                f"{inter_path}: impressions need a timestamp on every interaction (the history before each)"
+            )
         impressions = _load_impressions(folder / IMPRESSIONS_FILE, item_index, users, stamps, lenient, skipped)
     return Scenario(
         name=name,
@@ -325,6 +341,7 @@ def load_scenario(folder: str | os.PathLike[str], *, lenient: bool = False) -> S
         values=None if all(math.isnan(v) for v in values) else np.asarray(values, dtype=np.float32),
         skipped=dict(skipped),
         impressions=impressions,
+        order="timestamp" if timed else "line order",
     )
 
 

@@ -61,6 +61,7 @@ def evaluate_checkpoint(
     datasets = scenario_data(scenarios, cfg)
     rows: list[Row] = []
     memory: dict[str, str | None] = {}
+    order = {d.scenario.name: d.scenario.order for d in datasets}  # what the leave-one-out split follows
     for data in datasets:
         name = data.scenario.name
         log.info("evaluating %s on %s (%d items)", folder, name, data.scenario.num_items)
@@ -86,6 +87,7 @@ def evaluate_checkpoint(
         tables["valid"].setdefault(row["scenario"], {})[row["reference"]] = row["valid"]
         tables["selected_round"].setdefault(row["scenario"], {})[row["reference"]] = row["round"]
     result = {"checkpoint": str(folder), "round": server_round, "split": split, "private_memory": memory, **tables}
+    result["order"] = order
     for line in results_table(result):
         print(line)
     if out is not None:
@@ -106,6 +108,7 @@ def check_data(folder: str | Path, cfg: Config | None = None) -> dict[str, Any]:
         "items": s.num_items,
         "users": len(s.users),
         "interactions": s.num_interactions,
+        "order": s.order if s.order == "timestamp" else "line order of interactions.jsonl (no timestamps)",
         "trainable users": len(data.trainable_users),
         "training positions": data.num_examples,
         "evaluated users": len(data.split.eval_users),

@@ -176,8 +176,9 @@ def load_datasets(data_dir: Path, cfg: Config) -> list[LocalData]:
             f"{len(d.split.test_impressions)} test)"
         )
         log.info(
-            "scenario %s: %d items, %d users, %d interactions, %s",
-            *(d.scenario.name, d.scenario.num_items, len(d.scenario.users), d.scenario.num_interactions, evaluated),
+            "scenario %s: %d items, %d users, %d interactions (ordered by %s), %s",
+            *(d.scenario.name, d.scenario.num_items, len(d.scenario.users), d.scenario.num_interactions),
+            *(d.scenario.order, evaluated),
         )
         for reason, count in d.scenario.skipped.items():
             log.warning("scenario %s: skipped %d rows: %s", d.scenario.name, count, reason)

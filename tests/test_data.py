@@ -36,6 +36,25 @@ def test_load_orders_by_time_then_item_id(tmp_path):
     assert split.eval_users.tolist() == [0] and split.train[1].tolist() == [0]  # u2 too short: train only
 
 
+def test_a_log_without_timestamps_is_ordered_by_its_lines_and_says_so(tmp_path):
+    unordered = [
+        line.replace(', "timestamp": 2', "").replace(', "timestamp": 1', "").replace(', "timestamp": 5', "")
+        for line in GOOD
+    ]
+    assert all("timestamp" not in line for line in unordered)
+    sc = load_scenario(make_scenario(tmp_path / "s", ITEMS, unordered))
+    assert sc.order == "line order" and load_scenario(make_scenario(tmp_path / "t", ITEMS, GOOD)).order == "timestamp"
+    assert sc.sequences[0].tolist() == [1, 0, 2]  # b, a, c: the lines' order
+    np.testing.assert_array_equal(sc.labels["satisfaction"][0], [1, np.nan, 0])
+    split = leave_one_out(sc)
+    assert split.valid_target.tolist() == [0] and split.test_target.tolist() == [2]
+    mixed = [GOOD[0], unordered[1]]
+    with pytest.raises(
+        DataError, match=r"interactions.jsonl:2: field 'timestamp' is missing, but the first row has one"
+    ):
+        load_scenario(make_scenario(tmp_path / "m", ITEMS, mixed))
+
+
 @pytest.mark.parametrize(
     ("file", "lines", "message"),
     [
