@@ -86,8 +86,8 @@ def evaluate_checkpoint(
         tables["scenarios"].setdefault(row["scenario"], {})[row["reference"]] = row[split]
         tables["valid"].setdefault(row["scenario"], {})[row["reference"]] = row["valid"]
         tables["selected_round"].setdefault(row["scenario"], {})[row["reference"]] = row["round"]
-    result = {"checkpoint": str(folder), "round": server_round, "split": split, "private_memory": memory, **tables}
-    result["order"] = order
+    result: dict[str, Any] = {"checkpoint": str(folder), "round": server_round, "split": split, **tables}
+    result |= {"private_memory": memory, "order": order}
     for line in results_table(result):
         print(line)
     if out is not None:
