@@ -198,6 +198,11 @@ class CrossrecFedAvg(FedAvg):
             shares = capped_shares(claimed, self.fed.max_share)
         else:
             shares = np.full(len(accepted), 1.0 / len(accepted))
+        if self.fed.robust == "trimmed-mean" and int(self.fed.trim * len(accepted)) == 0:
+            log.warning(
+                "round %d: fed.trim = %g trims nothing from %d replies: an unweighted mean (too few clients)",
+                *(server_round, self.fed.trim, len(accepted)),
+            )
         step = combine(updates * scale[:, None], shares, self.fed.robust, self.fed.trim)
         self.decisions = []
         for msg, examples, share, norm, factor in zip(accepted, claimed, shares, norms, scale, strict=True):
