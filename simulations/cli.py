@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             help="a client's state folder holding its private item memory (repeat; default: the run's clients/)",
         )
         p.add_argument("--run-config", default="", help='serve.* overrides, e.g. "serve.diversity=0.2"')
+        p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=8000)
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "--state-dir", action="append", default=[], help="a client's state folder with its private item memory"
     )
     ev.add_argument("--json", default=None, help="write every figure to this JSON file")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     check = sub.add_parser("check-data", help="load, validate and describe a scenario folder")
     check.add_argument("folder", help="the scenario folder")
     check.add_argument("--run-config", default="", help="the model config it must fit (model.objectives, ...)")
@@ -137,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command; 1 with a one-line error for bad input."""
     try:
+        if getattr(args, "threads", 0):
+            if args.threads < 0:
+                raise ValueError(f"--threads {args.threads}: must be >= 1 (or 0: torch's choice)")
+            import torch
+
+            torch.set_num_threads(args.threads)
         if args.command == "simulate":
             from .simulate import simulate
 
