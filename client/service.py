@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
+import math
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import cast
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from .serving import Recommender, Request, RequestError
@@ -42,7 +46,9 @@ class RecommendResponse(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    checkpoint: str = Field(description="checkpoint folder or run folder (its latest round)")
+    checkpoint: str = Field(
+        description="checkpoint folder, run folder (its round chosen on validation) or adapter export"
+    )
 
 
 class Health(BaseModel):
@@ -51,8 +57,32 @@ class Health(BaseModel):
     scenarios: list[str]
 
 
-def create_app(recommender: Recommender, load: Callable[[str], Recommender]) -> FastAPI:
-    """The service around a loaded recommender; ``load(path)`` builds a replacement for /reload."""
+def smoke_problem(new: Recommender, current: Recommender) -> str | None:
+    """Why a freshly loaded recommender must not replace the serving one (None when it may): its shared
+    weights' norm far from the serving model's (a checkpoint scaled by 1e30 is finite but serves nothing),
+    or a smoke request per catalog (one item of history) that does not return k items with finite scores."""
+    norm_new, norm_old = new.weights_norm(), current.weights_norm()
+    if not 0.1 <= norm_new / norm_old <= 10.0:
+        return f"its weights' norm {norm_new:.4g} is {norm_new / norm_old:.3g} x the serving model's {norm_old:.4g}"
+    for name, catalog in new.catalogs.items():
+        k = min(10, catalog.scenario.num_items)
+        items = new.recommend(Request(scenario=name, history=[catalog.scenario.item_ids[0]], k=k))
+        if len(items) < k or not all(math.isfinite(float(cast(float, i["score"]))) for i in items):
+            return f"a smoke request on '{name}' returned {len(items)} of {k} items"
+    return None
+
+
+def create_app(
+    recommender: Recommender,
+    load: Callable[[str], Recommender],
+    reload_root: Path | None = None,
+    reload_token: str | None = None,
+) -> FastAPI:
+    """The service around a loaded recommender; ``load(path)`` builds a replacement for /reload, which is
+    off unless ``reload_root`` is given: then it needs ``Authorization: Bearer <reload_token>``, loads only
+    checkpoints under ``reload_root``, and swaps only a checkpoint that passes :func:`smoke_problem`."""
+    if reload_root is not None and not reload_token:
+        raise ValueError("reloading needs a token: set CROSSREC_RELOAD_TOKEN")
     app = FastAPI(title="crossrec", description="Recommendations from a federated crossrec checkpoint.")
     current = {"rec": recommender}
     reload_lock = threading.Lock()
@@ -75,13 +105,31 @@ def create_app(recommender: Recommender, load: Callable[[str], Recommender]) -> 
             items=[RecommendedItem(**i) for i in items],  # type: ignore[arg-type]
         )
 
-    @app.post("/reload", responses={400: {"description": "the checkpoint cannot be loaded"}})
-    def reload(body: ReloadRequest) -> Health:
+    @app.post(
+        "/reload",
+        responses={
+            400: {"description": "the checkpoint cannot be loaded or fails its checks"},
+            401: {"description": "no or a wrong token"},
+            403: {"description": "reload is off, or the checkpoint is outside the reload root"},
+        },
+    )
+    def reload(body: ReloadRequest, authorization: str | None = Header(None)) -> Health:
+        if reload_root is None or reload_token is None:
+            raise HTTPException(status_code=403, detail="reload is off (start the service with --reload-root)")
+        given = (authorization or "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(given, reload_token.encode()):
+            raise HTTPException(status_code=401, detail="reload needs the header 'Authorization: Bearer <token>'")
+        path = Path(body.checkpoint).resolve()
+        if not path.is_relative_to(reload_root.resolve()):
+            raise HTTPException(status_code=403, detail=f"{body.checkpoint} is outside the reload root")
         with reload_lock:
             try:
-                new = load(body.checkpoint)
-            except (ValueError, OSError) as exc:
+                new = load(str(path))
+                problem = smoke_problem(new, current["rec"])
+            except (ValueError, OSError, RequestError) as exc:
                 raise HTTPException(status_code=400, detail=f"checkpoint not loaded: {exc}") from None
+            if problem is not None:
+                raise HTTPException(status_code=400, detail=f"checkpoint not loaded: {problem}")
             current["rec"] = new  # atomic swap: requests in flight keep the old one
         return health()
 

@@ -116,6 +116,7 @@ class Recommender:
         self.cfg: Config = dataclasses.replace(cfg, serve=serve) if serve is not None else cfg
         self.checkpoint = folder
         self.checkpoint_id = weights_digest(weights)
+        self.weights = weights
         self.model = RecModel(self.cfg)
         load_trainable(self.model, weights)
         self.model.eval()
@@ -128,6 +129,10 @@ class Recommender:
             if scenario.name in self.catalogs:
                 raise ValueError(f"{path}: scenario '{scenario.name}' is given twice")
             self.catalogs[scenario.name] = self._catalog(scenario, cache_dir)
+
+    def weights_norm(self) -> float:
+        """L2 norm of all the shared weights served."""
+        return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in self.weights.values()))
 
     def _catalog(self, scenario: Scenario, cache_dir: str | Path | None) -> Catalog:
         private = (

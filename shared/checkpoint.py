@@ -39,19 +39,42 @@ def save_checkpoint(
     return final
 
 
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``, checked for the keys every reader needs."""
+    path = folder / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc})") from None
+    missing = [k for k in ("round", "model_hash", "config") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{path}: not a crossrec checkpoint's metadata (no {', '.join(missing)})")
+    if not isinstance(meta["config"], dict) or not isinstance(meta["round"], int):
+        raise ValueError(f"{path}: 'config' must be an object and 'round' an integer")
+    return meta
+
+
 def load_checkpoint(folder: str | Path, cfg: Config) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
-    """(round, weights, metadata) of a checkpoint folder; its model must match ``cfg``'s."""
+    """(round, weights, metadata) of a checkpoint folder; its model must match ``cfg``'s, and its file
+    must be whole and every weight finite."""
     folder = Path(folder)
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
     if not meta_path.is_file() or not weights_path.is_file():
         raise ValueError(f"run.resume = '{folder}': not a checkpoint folder (needs {META_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(folder)
     if meta.get("model_hash") != cfg.model_hash():
         raise ValueError(
             f"run.resume = '{folder}': checkpoint was written for a different model.*/lora.*/fed.aggregation config "
             f"(hash {meta.get('model_hash')} vs {cfg.model_hash()})"
         )
-    return int(meta["round"]), load_file(str(weights_path)), meta
+    try:
+        weights = load_file(str(weights_path))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{weights_path} is unreadable (truncated or not safetensors: {exc})") from None
+    bad = [k for k, v in weights.items() if not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{weights_path}: non-finite values in {', '.join(bad[:3])}")
+    return int(meta["round"]), weights, meta
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -147,8 +170,7 @@ def read_checkpoint(path: str | Path) -> tuple[Config, Path, dict[str, np.ndarra
         raise ValueError(f"{path}: neither a checkpoint folder, an adapter export nor a run folder with checkpoints")
     if folder != path:
         log.info("%s: the round chosen on validation, %s", path, folder.name)
-    meta = json.loads((folder / META_FILE).read_text())
-    cfg = Config.from_run_config(meta["config"])
+    cfg = Config.from_run_config(read_meta(folder)["config"])
     _, weights, _ = load_checkpoint(folder, cfg)
     return cfg, folder, weights
 

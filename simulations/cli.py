@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=8000)
+            p.add_argument(
+                "--reload-root",
+                default=None,
+                help="turn /reload on for checkpoints under this folder (token: env CROSSREC_RELOAD_TOKEN)",
+            )
         else:
             p.add_argument("--scenario", default=None, help="default: the only scenario given")
             p.add_argument("--user", default=None, help="a user id of the scenario's log")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,8 @@ from server.launch import die_with_parent, free_port, stop_tree, wait_healthy
 from shared.config import Config
 
 from .simulate import parse_overrides
+
+RELOAD_TOKEN = "CROSSREC_RELOAD_TOKEN"  # environment variable holding the /reload token (never a flag: ps shows flags)
 
 
 def serve_config(text: str) -> Config:
@@ -74,13 +77,19 @@ def serve(args: argparse.Namespace) -> None:
 
     from client.service import create_app
 
-    app = create_app(load(args, args.checkpoint), partial(load, args))
+    root = Path(args.reload_root) if args.reload_root else None
+    app = create_app(load(args, args.checkpoint), partial(load, args), root, os.environ.get(RELOAD_TOKEN))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 @contextlib.contextmanager
 def running_service(
-    checkpoint: str | Path, data: Sequence[str | Path], cache_dir: str | Path, startup_timeout: float = 300.0
+    checkpoint: str | Path,
+    data: Sequence[str | Path],
+    cache_dir: str | Path,
+    startup_timeout: float = 300.0,
+    reload_root: str | Path | None = None,
+    reload_token: str | None = None,
 ) -> Iterator[str]:
     """``crossrec serve`` as a separate process on a free loopback port; yields its URL, stops it on exit."""
     port = free_port()
@@ -98,7 +107,13 @@ def running_service(
     ]
     for folder in data:
         command += ["--data", str(folder)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
+    env = dict(os.environ)
+    if reload_root is not None:
+        command += ["--reload-root", str(reload_root)]
+        env[RELOAD_TOKEN] = reload_token or ""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url + "/health", startup_timeout, "crossrec serve")

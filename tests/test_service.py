@@ -38,12 +38,17 @@ def service(tmp_path_factory, tiny_encoder, demo_dir):
     )
     root = tmp_path_factory.mktemp("serve")
     first, second = make_checkpoint(cfg, root / "a", 1), make_checkpoint(cfg, root / "b", 2)
-    with running_service(first, [demo_dir / "video", demo_dir / "news"], root / "cache", startup_timeout=120) as url:
+    data = [demo_dir / "video", demo_dir / "news"]
+    with running_service(first, data, root / "cache", 120, reload_root=root, reload_token=TOKEN) as url:
         yield {"url": url, "first": first, "second": second, "cfg": cfg, "root": root}
 
 
-def post(service, body, path="/recommend"):
-    return httpx.post(service["url"] + path, json=body, timeout=30)
+TOKEN = "a-test-token"
+
+
+def post(service, body, path="/recommend", token=TOKEN):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(service["url"] + path, json=body, timeout=30, headers=headers)
 
 
 def test_health_and_openapi(service):
@@ -128,7 +133,7 @@ def test_malformed_json_and_nan_weights(service):
         content=b'{"scenario": "video", "user_id": "video-user-0001", "weights": {"engagement": NaN}}',
     )
     assert nan.status_code in (400, 422)
-    missing = post(service, {"checkpoint": "/does/not/exist"}, path="/reload")
+    missing = post(service, {"checkpoint": str(service["root"] / "does-not-exist")}, path="/reload")
     assert missing.status_code == 400 and "checkpoint not loaded" in missing.text
 
 
@@ -181,3 +186,57 @@ def test_objective_weights_reproduce_single_objective_rankings(service, demo_dir
         got = rec.recommend(Request(scenario="video", user_id="video-user-0004", k=20, weights=weights))
         expected = torch.argsort(probs[:, k], descending=True)[:20].tolist()
         assert [catalog.index[i["item_id"]] for i in got] == expected
+
+
+def test_reload_fails_closed_and_the_old_model_keeps_serving(service, tmp_path):
+    """Unauthenticated, outside the root, corrupt, without config, non-finite, x1e30: each refused with a
+    4xx naming why; the serving model never changes."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    before = httpx.get(service["url"] + "/health").json()["checkpoint"]
+    root, good = service["root"], service["second"]
+
+    def variant(name, change):
+        folder = root / "attacks" / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return str(folder)
+
+    def truncate(folder):
+        data = (folder / "weights.safetensors").read_bytes()
+        (folder / "weights.safetensors").write_bytes(data[: len(data) // 2])
+
+    def scale(by):
+        def change(folder):
+            weights = load_np(str(folder / "weights.safetensors"))
+            save_np({k: (v * by).astype(np.float32) for k, v in weights.items()}, str(folder / "weights.safetensors"))
+
+        return change
+
+    def no_config(folder):
+        meta = json.loads((folder / "meta.json").read_text())
+        del meta["config"]
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(good, outside)
+    cases = [
+        (post(service, {"checkpoint": str(good)}, path="/reload", token=None), 401, "Authorization: Bearer"),
+        (post(service, {"checkpoint": str(good)}, path="/reload", token="wrong"), 401, "Authorization: Bearer"),
+        (post(service, {"checkpoint": str(outside)}, path="/reload"), 403, "outside the reload root"),
+        (post(service, {"checkpoint": str(root / "a/../../..")}, path="/reload"), 403, "outside the reload root"),
+        (post(service, {"checkpoint": variant("truncated", truncate)}, path="/reload"), 400, "unreadable"),
+        (post(service, {"checkpoint": variant("no-config", no_config)}, path="/reload"), 400, "no config"),
+        (post(service, {"checkpoint": variant("huge", scale(1e30))}, path="/reload"), 400, "weights' norm"),
+        (post(service, {"checkpoint": variant("inf", scale(1e39))}, path="/reload"), 400, "non-finite"),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status and message in response.json()["detail"], response.text
+    assert httpx.get(service["url"] + "/health").json()["checkpoint"] == before
+    ok = post(service, {"scenario": "video", "user_id": "video-user-0001"})
+    assert ok.status_code == 200 and len(ok.json()["items"]) == 10 and ok.json()["checkpoint"] == before
