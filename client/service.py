@@ -7,28 +7,69 @@ import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Annotated, cast
 
 from fastapi import FastAPI, Header, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .serving import Recommender, Request, RequestError
+
+MAX_BODY = 1_000_000  # bytes of a request body
+MAX_TEXT = 2_000  # characters of one id or text
+MAX_LIST = 200  # items in a history, or history texts
+MAX_WEIGHT = 1e6  # largest objective weight (float32 arithmetic stays finite)
+
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
+
+
+def plain_text(value: str) -> str:
+    """A string that encodes as UTF-8 and holds no NUL (a lone surrogate or NUL reaches no tokenizer)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (a lone surrogate is not)") from None
+    if "\0" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
 
 
 class RecommendRequest(BaseModel):
     """A recommendation request. Give exactly one of user_id, history or history_texts."""
 
     model_config = ConfigDict(extra="forbid")
-    scenario: str = Field(description="scenario whose catalog to rank, e.g. 'video'")
-    user_id: str | None = Field(None, description="a user of this scenario; the history comes from its log")
-    history: list[str] | None = Field(None, description="item ids of this scenario, oldest first")
-    history_texts: list[str] | None = Field(
-        None, description="free item texts, oldest first (e.g. a news reader's articles to recommend videos)"
+    scenario: Text = Field(description="scenario whose catalog to rank, e.g. 'video'")
+    user_id: Text | None = Field(None, description="a user of this scenario; the history comes from its log")
+    history: list[Text] | None = Field(None, max_length=MAX_LIST, description="item ids of this scenario, oldest first")
+    history_texts: list[Text] | None = Field(
+        None,
+        max_length=MAX_LIST,
+        description="free item texts, oldest first (e.g. a news reader's articles to recommend videos)",
     )
     k: int = Field(10, description="how many items to return (1 .. serve.max-k)")
-    weights: dict[str, float] | None = Field(None, description="objective -> weight; default: serve.weights")
+    weights: dict[Text, float] | None = Field(None, description="objective -> weight; default: serve.weights")
     diversity: float | None = Field(None, description="MMR lambda in [0, 1]; 0 = plain top-k; default serve.diversity")
     exclude_seen: bool = Field(False, description="leave out items of the given history")
+
+    @field_validator("scenario", "user_id")
+    @classmethod
+    def _plain(cls, value: str | None) -> str | None:
+        return None if value is None else plain_text(value)
+
+    @field_validator("history", "history_texts")
+    @classmethod
+    def _plain_list(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [plain_text(v) for v in value]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and not all(math.isfinite(w) and abs(w) <= MAX_WEIGHT for w in value.values()):
+            raise ValueError(f"every weight must be a finite number within +-{MAX_WEIGHT:g}")
+        return value
 
 
 class RecommendedItem(BaseModel):
@@ -55,6 +96,34 @@ class Health(BaseModel):
     status: str
     checkpoint: str
     scenarios: list[str]
+
+
+class BodyLimit:
+    """413 for a request body above ``limit`` bytes, by its Content-Length or as it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = JSONResponse({"detail": f"request body above {self.limit} bytes"}, status_code=413)
+        length = HTTPRequest(scope).headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.limit:
+            await too_big(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(status_code=413, detail=f"request body above {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def smoke_problem(new: Recommender, current: Recommender) -> str | None:
@@ -84,6 +153,14 @@ def create_app(
     if reload_root is not None and not reload_token:
         raise ValueError("reloading needs a token: set CROSSREC_RELOAD_TOKEN")
     app = FastAPI(title="crossrec", description="Recommendations from a federated crossrec checkpoint.")
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each bad field (without echoing the input: a NaN or a huge text is no JSON to send back)."""
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     current = {"rec": recommender}
     reload_lock = threading.Lock()
 

@@ -180,7 +180,8 @@ class Recommender:
             raise RequestError(
                 f"weights: need finite, non-negative numbers summing to > 0, got {dict(request.weights)}"
             )
-        return torch.tensor(values, dtype=torch.float32)
+        total = sum(values)  # normalised in float64: weights like 1e-46 or 1e38 neither vanish nor overflow
+        return torch.tensor([w / total for w in values], dtype=torch.float32)
 
     def _user(self, request: Request, catalog: Catalog) -> tuple[torch.Tensor, np.ndarray]:
         """(user vector (1, H), the catalog rows of the history, for exclusion)."""

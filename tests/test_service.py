@@ -240,3 +240,33 @@ def test_reload_fails_closed_and_the_old_model_keeps_serving(service, tmp_path):
     assert httpx.get(service["url"] + "/health").json()["checkpoint"] == before
     ok = post(service, {"scenario": "video", "user_id": "video-user-0001"})
     assert ok.status_code == 200 and len(ok.json()["items"]) == 10 and ok.json()["checkpoint"] == before
+
+
+def test_request_limits_and_text_edges_get_4xx(service):
+    """Oversized bodies 413; lone surrogates, NUL, overlong texts, too many texts, overflowing or NaN
+    weights 422; the service answers normally afterwards."""
+    url = service["url"] + "/recommend"
+    user = {"scenario": "video", "user_id": "video-user-0001"}
+    big = b'{"scenario": "video", "history_texts": ["' + b"x" * 1_100_000 + b'"]}'
+    assert httpx.post(url, content=big, headers={"content-type": "application/json"}).status_code == 413
+    raw = [
+        b'{"scenario": "video", "history_texts": ["\\ud800 lone surrogate"]}',
+        b'{"scenario": "video", "user_id": "video-user-0001", "weights": {"engagement": 1e39}}',
+        b'{"scenario": "video", "user_id": "video-user-0001", "weights": {"engagement": Infinity}}',
+    ]
+    for content in raw:
+        response = httpx.post(url, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 422, (content, response.text)
+    bodies = [
+        {"scenario": "video", "history_texts": ["nul \x00 inside"]},
+        {"scenario": "video", "history_texts": ["x" * 2_001]},
+        {"scenario": "video", "history_texts": ["news story"] * 201},
+        {**user, "scenario": "v" * 2_001},
+    ]
+    for body in bodies:
+        assert post(service, body).status_code == 422, body
+    tiny = post(service, {**user, "weights": {"engagement": 1e-46, "satisfaction": 1.0}})
+    assert tiny.status_code == 200 and len(tiny.json()["items"]) == 10
+    alone = post(service, {**user, "weights": {"engagement": 1e-46}})  # would underflow in float32
+    assert alone.status_code == 200 and alone.json()["items"] == post(service, user).json()["items"]
+    assert post(service, user).status_code == 200
