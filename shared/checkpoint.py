@@ -144,10 +144,7 @@ def chosen_checkpoint(run_dir: str | Path) -> Path | None:
     folders = sorted((Path(run_dir) / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]"))
     rows = []
     for folder in folders:
-        try:
-            meta = json.loads((folder / META_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{folder / META_FILE}: unreadable checkpoint metadata ({exc})") from None
+        meta = read_meta(folder)
         for scenario, split in (meta.get("metrics") or {}).items():
             if split.get("valid"):
                 rows.append({"round": meta["round"], "scenario": scenario, "reference": "federated", **split})
