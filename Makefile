@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/crossrec simulate $(ARGS)
 
+# two workers: the deployment and simulation tests mostly wait on processes, so the other tests run beside them
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(ARGS)
 
 # the edit-test loop: unit tests only (no Flower runs, no real MiniLM, no services, no public data)
 test-fast: $(STAMP)

@@ -10,6 +10,7 @@ reconnects by itself when the SuperLink restarts; a restarted daemon rejoins wit
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,8 @@ from shared.config import Config
 from shared.data import load_scenario
 
 from .training import prepare
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RUNTIME_PORT = 9094  # flower-supernode's local Runtime API port
 
@@ -81,6 +84,6 @@ def run_client(
     name, description = check_client(data_dir, ca, key, scenario, overrides or {})
     state_dir.mkdir(parents=True, exist_ok=True)
     command = supernode_command(superlink, ca, key, name, data_dir, state_dir, port)
-    print(f"crossrec client: {description}", flush=True)
-    print(f"crossrec client: SuperNode for {name} -> {superlink} (TLS, authenticated), state {state_dir}", flush=True)
+    logger.info(description)
+    logger.info("SuperNode for %s -> %s (TLS, authenticated), state %s", name, superlink, state_dir)
     os.execve(command[0], command, flower_env(state_dir / "flwr-home"))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from shared.config import Config
 from shared.data import Scenario, Split, leave_one_out
@@ -250,7 +251,8 @@ def train_round(
     steps, started = cfg.train.local_steps, time.perf_counter()
     try:
         with privacy.attached(model, optimizer) if privacy else contextlib.nullcontext(optimizer) as step_optimizer:
-            for step in range(steps):
+            bar = tqdm(range(steps), desc=f"{data.scenario.name} round {server_round}", unit="step", disable=None)
+            for step in bar:  # (the bar shows on a terminal only: not in Flower's client processes or logs)
                 if cfg.train.table_refresh and step and step % cfg.train.table_refresh == 0:
                     text = model.text_table()
                 users = sample_users(data, cfg, rng, poisson=privacy is not None)

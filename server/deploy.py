@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import subprocess
 import tempfile
@@ -38,6 +39,7 @@ from .launch import (
 
 APP_DIR = Path(__file__).resolve().parents[1]
 LOG_FILE = "superlink.log"
+logger = logging.getLogger(__name__)
 
 
 def superlink_command(state_dir: Path, host: str, port: int, ca: Path, cert: Path, key: Path) -> list[str]:
@@ -105,7 +107,11 @@ def register_supernodes(flwr_home: Path, public_keys: Sequence[Path]) -> list[st
             raise FileNotFoundError(f"--register {key}: no such public key file")
         done = flwr_cli(flwr_home, "supernode", "register", str(key), CONNECTION, "--format", "json")
         output = done.stdout + done.stderr
-        if done.returncode == 0:
+        try:  # (`flwr --format json` reports most failures as {"success": false, ...} with exit code 0)
+            registered = done.returncode == 0 and json.loads(done.stdout).get("success") is True
+        except ValueError:
+            registered = False
+        if registered:
             lines.append(f"registered {key}")
         elif "already in use" in output:
             lines.append(f"already registered {key}")
@@ -124,14 +130,25 @@ def serve_superlink(
 
     signal.signal(signal.SIGTERM, stop)
     with contextlib.suppress(KeyboardInterrupt), running_superlink(state_dir, host, port, ca, cert, key) as proc:
-        print(f"crossrec superlink: listening on {host}:{port} (TLS, SuperNode authentication on)", flush=True)
-        print(f"  state {state_dir.resolve()}, log {state_dir.resolve() / LOG_FILE}", flush=True)
+        logger.info("listening on %s:%d (TLS, SuperNode authentication on)", host, port)
+        logger.info("state %s, log %s", state_dir.resolve(), state_dir.resolve() / LOG_FILE)
         for line in register_supernodes(state_dir.resolve() / "flwr-home", register):
-            print(f"  {line}", flush=True)
-        print("crossrec superlink: ready; stop with Ctrl-C", flush=True)
+            logger.info(line)
+        logger.info("ready; admit a new SuperNode with `crossrec register --state-dir %s KEY.pub`", state_dir)
         code = proc.wait()
         raise RuntimeError(f"flower-superlink exited with code {code}; see {state_dir / LOG_FILE}")
-    print("crossrec superlink: stopped", flush=True)
+    logger.info("stopped")
+
+
+def register_with_running(state_dir: Path, public_keys: Sequence[Path]) -> list[str]:
+    """Admit SuperNode public keys to the SuperLink running on ``state_dir`` (``crossrec register``),
+    without restarting it or any connected daemon."""
+    flwr_home = state_dir.resolve() / "flwr-home"
+    if not (flwr_home / "config.toml").is_file():
+        raise FileNotFoundError(f"--state-dir {state_dir}: no SuperLink state here (start `crossrec superlink` first)")
+    if not public_keys:
+        raise ValueError("name at least one SuperNode public key (KEY.pub) to register")
+    return register_supernodes(flwr_home, public_keys)
 
 
 def run_status(flwr_home: Path, run_id: int) -> dict[str, object]:
@@ -173,7 +190,7 @@ def submit(
             raise RuntimeError(
                 f"submitting to {superlink} failed: {(done.stdout + done.stderr).strip()[-2000:]}"
             ) from exc
-        print(f"crossrec submit: run {run_id} on {superlink}", flush=True)
+        logger.info("run %d on %s", run_id, superlink)
         logs = subprocess.Popen(
             [executable("flwr"), "log", str(run_id), CONNECTION, "--stream"],
             env=env,
@@ -197,5 +214,5 @@ def submit(
             stop_tree(logs)
     if status["status"] != "finished:completed":
         raise RuntimeError(f"run {run_id} ended {status['status']}: {status.get('status-details', '')}")
-    print(f"crossrec submit: run {run_id} completed", flush=True)
+    logger.info("run %d completed", run_id)
     return run_id

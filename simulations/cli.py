@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     link.add_argument("--cert", required=True, help="SuperLink certificate (server.pem)")
     link.add_argument("--key", required=True, help="its private key (server.key)")
     link.add_argument("--register", action="append", default=[], help="a SuperNode public key to admit (repeat)")
+    register = sub.add_parser("register", help="admit SuperNode public keys to a running SuperLink (no restarts)")
+    register.add_argument("--state-dir", required=True, help="the running SuperLink's state folder")
+    register.add_argument("keys", nargs="+", help="SuperNode public keys (NAME.pub)")
     submit = sub.add_parser("submit", help="run federated rounds on a SuperLink, streaming the server log")
     submit.add_argument("--superlink", required=True, help="host:port of the SuperLink")
     submit.add_argument("--ca", required=True, help="CA certificate (ca.crt)")
@@ -198,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             from .serving_cli import recommend, serve
 
             (recommend if args.command == "recommend" else serve)(args)
-        elif args.command in ("certs", "superlink", "submit", "client"):
+        elif args.command in ("certs", "superlink", "register", "submit", "client"):
             deploy(args)
     except (ValueError, RuntimeError, OSError) as exc:  # bad input, a failed step: what to fix, in one line
         if args.debug:
@@ -230,6 +233,11 @@ def deploy(args: argparse.Namespace) -> None:
             Path(args.state_dir), args.host, args.port, Path(args.ca), Path(args.cert), Path(args.key),
             [Path(k) for k in args.register],
         )  # fmt: skip
+    elif args.command == "register":
+        from server.deploy import register_with_running
+
+        for line in register_with_running(Path(args.state_dir), [Path(k) for k in args.keys]):
+            print(line)
     elif args.command == "submit":
         from server.deploy import submit
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from client.evaluation import PerUser, eval_inputs, frozen_table, full_ranking
 from client.training import LocalData, history_tensor
@@ -235,7 +236,8 @@ def sasrec_rows(
     started = time.perf_counter()
     rows: list[Row] = []
     best, since_best, loss = -1.0, 0, float("nan")
-    for epoch in range(1, settings.max_epochs + 1):
+    epochs = tqdm(range(1, settings.max_epochs + 1), desc=f"sasrec {data.scenario.name}", unit="epoch", disable=None)
+    for epoch in epochs:
         loss = train_epoch(model, optimizer, windows, settings.batch_size, rng)
         out_of_time = time.perf_counter() - started > settings.max_seconds
         if epoch % settings.eval_every and epoch < settings.max_epochs and not out_of_time:

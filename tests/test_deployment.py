@@ -31,8 +31,10 @@ from simulations.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("shop", "video", "news")
+NEWCOMER = "books"  # a fourth organisation, admitted while the federation runs (its log: the shop's, renamed)
 RUN_TIMEOUT = 900.0  # seconds a run may take on a loaded 2-core machine before the test fails
 TOLERANCE = 1e-5  # max |difference| between resumed and uninterrupted final weights (fp32, sums in reply order)
+pytestmark = pytest.mark.xdist_group("deployment")  # one federation per module: its tests share a worker
 
 
 def run_overrides(cfg: Config, **extra: bool | int | float | str) -> dict[str, bool | int | float | str]:
@@ -75,13 +77,17 @@ class Federation:
 
     def __init__(self, root: Path, data: Path) -> None:
         self.root, self.data = root, data
-        self.certs = make_certificates(root / "certs", ["127.0.0.1"], [*SCENARIOS, "stranger"])
+        self.certs = make_certificates(root / "certs", ["127.0.0.1"], [*SCENARIOS, NEWCOMER])
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.clients: dict[str, subprocess.Popen[bytes]] = {}
         self.superlink: subprocess.Popen[bytes] | None = None
-        self.client_ports = {name: free_port() for name in (*SCENARIOS, "stranger")}
+        self.client_ports = {name: free_port() for name in (*SCENARIOS, NEWCOMER)}
+        self.members = list(SCENARIOS)  # the scenarios whose daemons the SuperLink admitted
+        shutil.copytree(data / "shop", root / NEWCOMER)
+        spec = json.loads((root / NEWCOMER / "scenario.json").read_text())
+        (root / NEWCOMER / "scenario.json").write_text(json.dumps(spec | {"name": NEWCOMER}))
 
     def spawn(self, log: Path, *args: str) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
@@ -112,12 +118,12 @@ class Federation:
         )
         assert proc.poll() is None, log.read_text()[start:]
 
-    def start_client(self, name: str, key: str | None = None) -> subprocess.Popen[bytes]:
-        data = name if name in SCENARIOS else "shop"
+    def start_client(self, name: str) -> subprocess.Popen[bytes]:
+        data = self.data / name if name in SCENARIOS else self.root / name
         proc = self.spawn(
             self.client_log(name),
-            *("client", "--superlink", self.address, "--data", str(self.data / data)),
-            *("--ca", str(self.certs / "ca.crt"), "--key", str(self.certs / "supernodes" / (key or name))),
+            *("client", "--superlink", self.address, "--data", str(data)),
+            *("--ca", str(self.certs / "ca.crt"), "--key", str(self.certs / "supernodes" / name)),
             *("--state-dir", str(self.root / "clients" / name), "--port", str(self.client_ports[name])),
         )
         self.clients[name] = proc
@@ -202,12 +208,17 @@ def federation(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iter
         assert not survivors, f"processes outlived the federation: {survivors}"
 
 
+def everyone(federation: Federation) -> dict[str, bool | int | float | str]:
+    """Rounds that wait for every admitted daemon (after a SuperLink restart they reconnect one by one)."""
+    return {"fed.min-clients": len(federation.members)}
+
+
 def full_run(federation: Federation, cfg: Config) -> Path:
-    """Two uninterrupted rounds with all three daemons, run once per module (the resume test's reference)."""
+    """Two uninterrupted rounds with every admitted daemon, run once per module (the resume test's reference)."""
     run_dir = federation.root / "run-full"
     if not (run_dir / "checkpoints/round-0002").is_dir():
         log = federation.root / "submit-full.out"
-        extra: dict[str, bool | int | float | str] = {"fed.rounds": 2, "run.dir": str(run_dir)}
+        extra: dict[str, bool | int | float | str] = {"fed.rounds": 2, "run.dir": str(run_dir)} | everyone(federation)
         proc = federation.submit(log, run_overrides(cfg, **extra))
         assert finished(proc, log) == 0, log.read_text()[-3000:]
         assert "completed" in log.read_text()
@@ -263,17 +274,42 @@ def test_client_daemon_refuses_bad_start(tmp_path, demo_dir, capsys):
 
 @pytest.mark.deployment
 def test_supernode_with_unknown_key_is_refused(federation):
-    proc = federation.start_client("stranger", key="stranger")
+    proc = federation.start_client(NEWCOMER)  # its key is not registered (yet)
     code = proc.wait(timeout=180)
     assert code != 0
-    assert "Failed to activate SuperNode" in federation.client_log("stranger").read_text()
+    assert "Failed to activate SuperNode" in federation.client_log(NEWCOMER).read_text()
     assert "No SuperNode found with the given public key" in (federation.root / "link/superlink.log").read_text()
-    assert len(federation.node_status()) == len(SCENARIOS)  # the stranger never became a node
+    assert len(federation.node_status()) == len(federation.members)  # the stranger never became a node
+
+
+@pytest.mark.deployment
+def test_new_supernode_is_admitted_while_the_federation_runs(federation, capsys):
+    """`crossrec register` admits a fourth organisation's key to the running SuperLink; its daemon then
+    connects, and nothing else restarts (the next runs train it with the others)."""
+    running = {p.pid for p in [federation.superlink, *federation.clients.values()] if p and p.poll() is None}
+    link, key = federation.root / "link", federation.certs / "supernodes" / f"{NEWCOMER}.pub"
+
+    assert main(["register", "--state-dir", str(federation.root / "elsewhere"), str(key)]) == 1
+    assert "no SuperLink state here" in capsys.readouterr().err
+    assert main(["register", "--state-dir", str(link), str(federation.root / "nope.pub")]) == 1
+    assert "no such public key file" in capsys.readouterr().err
+    assert main(["register", "--state-dir", str(link), str(key)]) == 0
+    assert f"registered {key}" in capsys.readouterr().out
+
+    federation.start_client(NEWCOMER)
+    node = federation.wait_connected(NEWCOMER, 1)
+    wait_for(lambda: federation.node_status().get(node) == "online", 120, f"{NEWCOMER} to be online", poll=2)
+    federation.members.append(NEWCOMER)
+    assert len(federation.node_status()) == len(federation.members)
+    assert main(["register", "--state-dir", str(link), str(key)]) == 0  # again: fine, and no second node
+    assert f"already registered {key}" in capsys.readouterr().out
+    assert len(federation.node_status()) == len(federation.members)
+    assert all(psutil.pid_exists(pid) for pid in running)  # the SuperLink and the other daemons kept running
 
 
 @pytest.mark.deployment
 def test_client_killed_mid_round_then_rejoins(federation, tiny_cfg):
-    """min-clients 2: the round completes with shop and video after news dies; news restarts and rejoins."""
+    """min-clients 2: the round completes with the others after news dies; news restarts and rejoins."""
     news_id = federation.node_ids("news")[-1]
     run_dir = federation.root / "run-killed"
     log = federation.root / "submit-killed.out"
@@ -298,7 +334,7 @@ def test_client_killed_mid_round_then_rejoins(federation, tiny_cfg):
 
     assert finished(submit, log) == 0, log.read_text()[-3000:]
     meta = json.loads((run_dir / "checkpoints/round-0001/meta.json").read_text())
-    assert set(meta["metrics"]) == {"shop", "video"}
+    assert set(meta["metrics"]) == set(federation.members) - {"news"}
     assert any(f"node {news_id}" in d and "Node Unavailable" in d for d in meta["dropped"]), meta["dropped"]
     weights = load_file(str(run_dir / "checkpoints/round-0001/weights.safetensors"))
     initial = trainable_state(RecModel(tiny_cfg))
@@ -313,19 +349,21 @@ def test_client_killed_mid_round_then_rejoins(federation, tiny_cfg):
 
 @pytest.mark.deployment
 def test_two_rounds_over_tls_with_authenticated_daemons(federation, tiny_cfg):
-    """All three daemons (news restarted by the test before, if it ran) take part in both rounds."""
+    """Every admitted daemon (news restarted by a test before, books admitted, if they ran) takes part in both
+    rounds."""
     run_dir = full_run(federation, tiny_cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert sorted((r["round"], r["scenario"]) for r in rows) == sorted((r, s) for r in (1, 2) for s in SCENARIOS)
+    members = federation.members
+    assert sorted((r["round"], r["scenario"]) for r in rows) == sorted((r, s) for r in (1, 2) for s in members)
     for row in rows:
         assert row["train"]["num-examples"] > 0
         for split in ("valid", "test"):
             assert set(row[split]) >= {"hr@10", "ndcg@10", "mrr"} and all(0 <= v <= 1 for v in row[split].values())
     meta = json.loads((run_dir / "checkpoints/round-0002/meta.json").read_text())
-    assert meta["round"] == 2 and set(meta["metrics"]) == set(SCENARIOS) and meta["dropped"] == []
+    assert meta["round"] == 2 and set(meta["metrics"]) == set(members) and meta["dropped"] == []
     assert (run_dir / "checkpoints/round-0001/weights.safetensors").is_file()
     assert (run_dir / "adapter/adapter_model.safetensors").is_file()
-    assert len(federation.node_status()) == len(SCENARIOS)
+    assert len(federation.node_status()) == len(members)
 
 
 @pytest.mark.deployment
@@ -333,7 +371,9 @@ def test_server_killed_after_round_1_then_resumed(federation, tiny_cfg):
     """Kill the SuperLink (and its ServerApp) after round 1; restart it; resume: same weights as uninterrupted."""
     run_dir, resumed_dir = federation.root / "run-cut", federation.root / "run-resumed"
     log = federation.root / "submit-cut.out"
-    submit = federation.submit(log, run_overrides(tiny_cfg, **{"fed.rounds": 2, "run.dir": str(run_dir)}))
+    submit = federation.submit(
+        log, run_overrides(tiny_cfg, **{"fed.rounds": 2, "run.dir": str(run_dir)} | everyone(federation))
+    )
     wait_for(lambda: (run_dir / "checkpoints/round-0001").is_dir() or submit.poll() is not None, RUN_TIMEOUT, "round 1")
     assert federation.superlink is not None
     kill_tree(federation.superlink)
@@ -345,7 +385,10 @@ def test_server_killed_after_round_1_then_resumed(federation, tiny_cfg):
     log = federation.root / "submit-resumed.out"
     resume = str(run_dir / "checkpoints/round-0001")
     submit = federation.submit(
-        log, run_overrides(tiny_cfg, **{"fed.rounds": 2, "run.resume": resume, "run.dir": str(resumed_dir)})
+        log,
+        run_overrides(
+            tiny_cfg, **{"fed.rounds": 2, "run.resume": resume, "run.dir": str(resumed_dir)} | everyone(federation)
+        ),
     )
     assert finished(submit, log) == 0, log.read_text()[-3000:]
     assert not (resumed_dir / "checkpoints/round-0001").exists()  # only round 2 ran

@@ -14,7 +14,7 @@ from shared.model import RecModel
 from shared.records import trainable_state
 from simulations.serving_cli import running_service
 
-pytestmark = pytest.mark.serving
+pytestmark = [pytest.mark.serving, pytest.mark.xdist_group("service")]  # one service per module
 
 
 def make_checkpoint(cfg, folder, seed):
