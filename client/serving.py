@@ -2,17 +2,25 @@
 
 Item vectors (and the head's per-item features) are computed once per (checkpoint, catalog) and
 cached on disk, keyed by the hashes of the checkpoint weights and the catalog texts.
+
+Small catalogs are scored whole by the head. A catalog of at least ``serve.ann-min-items`` items is served
+in two stages: an HNSW index (FAISS, inner product) over the item vectors, augmented so that the inner
+product orders items exactly as the ranking objective's logit does, retrieves ``serve.ann-candidates``
+items; the head scores only those (every objective), the utility and MMR run on them. The index is
+built once per (checkpoint, catalog) and cached next to the item vectors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -26,6 +34,10 @@ from shared.records import load_trainable
 
 from .ranking import mmr, utility
 from .state import PRIVATE_FILE, load_private, private_scenario, round_copy
+
+logger = logging.getLogger(__name__)
+HNSW_NEIGHBOURS = 32  # links per node (M) of the HNSW graph
+HNSW_BUILD_DEPTH = 80  # efConstruction
 
 
 class RequestError(ValueError):
@@ -57,6 +69,7 @@ class Catalog:
     bias: torch.Tensor  # (N,) the scenario's private output biases (zeros without its memory)
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # head's per-item features
     values: torch.Tensor | None  # (N,) item values
+    ann: faiss.IndexHNSWFlat | None = None  # HNSW over the augmented item vectors (large catalogs only)
 
 
 def file_hash(path: Path) -> str:
@@ -83,6 +96,34 @@ def save_table(path: Path, table: torch.Tensor, bias: torch.Tensor) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({"table": table.contiguous(), "bias": bias.contiguous()}, str(tmp))
     tmp.replace(path)
+
+
+def retrieval_vectors(table: torch.Tensor, bias: torch.Tensor, scale: float) -> np.ndarray:
+    """Items as (N, H+1) rows [v, b / a] whose inner product with a query [u, 1] is (a u.v + b) / a: the ranking
+    objective's logit a u.v + c + b, up to the constants a > 0 and c, so it orders items exactly as the head does."""
+    return torch.cat([table, (bias / scale)[:, None]], dim=1).contiguous().numpy().astype(np.float32)
+
+
+def hnsw_index(vectors: np.ndarray, path: Path | None) -> faiss.IndexHNSWFlat:
+    """An inner-product HNSW index over ``vectors``, read from ``path`` when it holds one of the right size,
+    else built (minutes for a million items) and written there atomically."""
+    if path is not None and path.is_file():
+        try:
+            stored = faiss.read_index(str(path))
+            if isinstance(stored, faiss.IndexHNSWFlat) and (stored.ntotal, stored.d) == vectors.shape:
+                return stored
+        except RuntimeError:  # unreadable: rebuild and overwrite
+            pass
+    logger.info("building the HNSW index of %d items (once per checkpoint and catalog)", len(vectors))
+    index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_BUILD_DEPTH
+    index.add(vectors)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        faiss.write_index(index, str(tmp))
+        tmp.replace(path)
+    return index
 
 
 def private_file(checkpoint: Path, scenario: str, state_dirs: Sequence[Path], run_dir: str = "") -> Path | None:
@@ -158,6 +199,14 @@ class Recommender:
             if cached is not None:
                 save_table(cached, table, bias)
         values = None if scenario.values is None else torch.from_numpy(scenario.values)
+        scale = float(self.model.head.similarity.weight.detach())
+        ann = None
+        if 0 < self.cfg.serve.ann_min_items <= scenario.num_items:
+            if scale > 0:
+                path = cached.with_suffix(".hnsw") if cached is not None else None
+                ann = hnsw_index(retrieval_vectors(table, bias, scale), path)
+            else:  # a non-positive scale reverses the order: no inner-product index ranks by it
+                logger.warning("%s: the ranking scale is %.3g <= 0; scoring every item", scenario.name, scale)
         return Catalog(
             scenario=scenario,
             index={item: i for i, item in enumerate(scenario.item_ids)},
@@ -166,7 +215,18 @@ class Recommender:
             bias=bias,
             features=self.model.head.item_features(table),
             values=values,
+            ann=ann,
         )
+
+    def candidates(self, user: torch.Tensor, catalog: Catalog, count: int) -> torch.Tensor | None:
+        """Rows of the ``count`` best items by the ranking objective from the catalog's HNSW index
+        (None: no index, every item is a candidate)."""
+        if catalog.ann is None:
+            return None
+        query = torch.cat([user[0], user.new_ones(1)]).numpy()[None].astype(np.float32)
+        depth = faiss.SearchParametersHNSW(efSearch=max(count, 128))  # type: ignore[attr-defined]  # per call: threads
+        _, rows = catalog.ann.search(query, min(count, catalog.ann.ntotal), params=depth)
+        return torch.from_numpy(rows[0][rows[0] >= 0]).long()
 
     def _weights(self, request: Request) -> torch.Tensor:
         if request.weights is None:
@@ -222,18 +282,26 @@ class Recommender:
             raise RequestError(f"diversity must be in [0, 1], got {diversity}")
         weights = self._weights(request)
         user, seen = self._user(request, catalog)
-        logits = self.model.head.fast_scores(user, catalog.table, catalog.features)[0]  # (N, K)
-        logits[:, 0] += catalog.bias
+        rows = self.candidates(
+            user, catalog, self.cfg.serve.ann_candidates + (len(seen) if request.exclude_seen else 0)
+        )
+        table, bias, features, values = catalog.table, catalog.bias, catalog.features, catalog.values
+        if rows is not None:  # the head, the utility and MMR on the retrieved candidates only
+            table, bias, values = table[rows], bias[rows], None if values is None else values[rows]
+            features = (features[0][rows], features[1][rows], features[2][rows])
+        logits = self.model.head.fast_scores(user, table, features)[0]  # (C, K)
+        logits[:, 0] += bias
         probs = torch.sigmoid(logits)
-        scores = utility(probs, weights, catalog.values, self.cfg.serve.value_weight)
+        scores = utility(probs, weights, values, self.cfg.serve.value_weight)
         if request.exclude_seen and len(seen):
-            scores[torch.from_numpy(seen)] = -torch.inf
-        top = mmr(scores, catalog.table, request.k, diversity, self.cfg.serve.mmr_pool)
+            seen_rows = torch.from_numpy(seen)
+            scores[torch.isin(rows, seen_rows) if rows is not None else seen_rows] = -torch.inf
+        top = mmr(scores, table, request.k, diversity, self.cfg.serve.mmr_pool)
         sc = catalog.scenario
         return [
             {
-                "item_id": sc.item_ids[i],
-                "text": sc.texts[i],
+                "item_id": sc.item_ids[i if rows is None else int(rows[i])],
+                "text": sc.texts[i if rows is None else int(rows[i])],
                 "score": float(scores[i]),
                 "objectives": {o: float(probs[i, j]) for j, o in enumerate(self.objectives)},
             }

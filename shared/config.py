@@ -227,6 +227,8 @@ class ServeConfig:
     value_weight: float = 0.0  # weight of the catalog's normalised item value in the utility
     mmr_pool: int = 200  # MMR re-ranks this many top-utility candidates
     max_k: int = 100  # largest k a request may ask for
+    ann_min_items: int = 50000  # catalogs this large retrieve candidates from an HNSW index first; 0 = never
+    ann_candidates: int = 1000  # candidates the index retrieves (by the ranking objective) for the head to re-rank
 
     def __post_init__(self) -> None:
         if self.weights:
@@ -240,7 +242,9 @@ class ServeConfig:
             _fail("serve.diversity", self.diversity, "must be in [0, 1]")
         if not math.isfinite(self.value_weight):
             _fail("serve.value-weight", self.value_weight, "must be finite")
-        for key in ("mmr_pool", "max_k"):
+        if self.ann_min_items < 0:
+            _fail("serve.ann-min-items", self.ann_min_items, "must be >= 0 (0: always score every item)")
+        for key in ("mmr_pool", "max_k", "ann_candidates"):
             if getattr(self, key) < 1:
                 _fail(f"serve.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
 

@@ -3,12 +3,17 @@
 For each catalog size a synthetic scenario is written (item texts of demo-topic words, a small log),
 the service is started on it with a trained checkpoint, and requests go over HTTP:
 single-request latency (sequential, keep-alive) p50/p99 with MMR (lambda 0.2) and without, and
-throughput with several concurrent clients. Item vectors of the synthetic catalogs are random unit
-vectors placed in the service's item-vector cache: encoding 100,000 texts with MiniLM on a 2-core
-CPU takes minutes and is precomputation, not request work; everything a request does (user model,
-head over the whole catalog, utility, exact top-k, MMR, JSON) is the real service.
+throughput with several concurrent clients. Item vectors of the synthetic catalogs are unit vectors
+placed in the service's item-vector cache (``--vectors random``: independent, the hardest case for an
+index; ``clustered``: around 1,000 topic centres, as text embeddings are): encoding 100,000 texts with
+MiniLM on a 2-core CPU takes minutes and is precomputation, not request work; everything a request does
+(user model, candidate retrieval or the head over the whole catalog, utility, top-k, MMR, JSON) is the
+real service. Each size is served by both ``--modes``: ``exact`` (the head scores every item) and ``ann``
+(two stages: the HNSW index retrieves ``serve.ann-candidates``, the head re-ranks them), and the
+candidate stage's recall is measured in-process against exact scoring: the share of the exact top 100
+(the default utility over every item) among the candidates, and of the exact top 10 in the served 10.
 
-    python -m simulations.serve_latency --run runs/latest [--sizes 10000,100000]
+    python -m simulations.serve_latency --run runs/latest [--sizes 10000,100000] [--vectors clustered]
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import httpx
 import numpy as np
 import torch
 
-from client.serving import cache_name, save_table
+from client.serving import Recommender, Request, cache_name, save_table
 from shared.checkpoint import read_checkpoint, weights_digest
+from shared.config import ServeConfig
 from shared.demo import GENERIC, TOPICS
 
 from .serving_cli import running_service
@@ -42,6 +48,38 @@ def synthetic_catalog(folder: Path, size: int, rng: np.random.Generator) -> list
             for t, item in enumerate(rng.integers(size, size=8)):
                 fh.write(json.dumps({"user_id": f"u{u}", "item_id": f"i{item}", "timestamp": t}) + "\n")
     return texts
+
+
+def item_vectors(size: int, dim: int, kind: str) -> torch.Tensor:
+    """(size, dim) unit vectors: independent (``random``) or around 1,000 random centres (``clustered``)."""
+    gen = torch.Generator().manual_seed(size)
+    noise = torch.randn(size, dim, generator=gen)
+    if kind == "clustered":
+        centres = torch.nn.functional.normalize(torch.randn(1000, dim, generator=gen), dim=-1)
+        noise = centres[torch.randint(1000, (size,), generator=gen)] + noise / dim**0.5
+    return torch.nn.functional.normalize(noise, dim=-1)
+
+
+def recall(folder: Path, data: Path, cache: Path, size: int, users: int, rng: np.random.Generator) -> dict[str, float]:
+    """Recall of the candidate stage against the head over every item, on ``users`` random 5-item histories."""
+    rec = Recommender(folder, [data], cache, ServeConfig(ann_min_items=1))
+    catalog = rec.catalogs[f"bench{size}"]
+    weights = rec._weights(Request(scenario=catalog.scenario.name))
+    at_100, at_10 = [], []
+    for _ in range(users):
+        history = [f"i{j}" for j in rng.integers(size, size=5)]
+        user, _ = rec._user(Request(scenario=catalog.scenario.name, history=history), catalog)
+        with torch.no_grad():
+            logits = rec.model.head.fast_scores(user, catalog.table, catalog.features)[0]
+        logits[:, 0] += catalog.bias
+        exact = torch.topk(torch.sigmoid(logits) @ weights, 100).indices
+        found = rec.candidates(user, catalog, rec.cfg.serve.ann_candidates)
+        assert found is not None
+        at_100.append(len(set(exact.tolist()) & set(found.tolist())) / 100)
+        served = rec.recommend(Request(scenario=catalog.scenario.name, history=history))
+        got = {catalog.index[str(i["item_id"])] for i in served}
+        at_10.append(len(got & set(exact[:10].tolist())) / 10)
+    return {"candidate_recall_at_100": float(np.mean(at_100)), "served_recall_at_10": float(np.mean(at_10))}
 
 
 def measure(url: str, size: int, requests: int, rng: np.random.Generator) -> dict[str, float]:
@@ -93,34 +131,46 @@ def main(argv: list[str] | None = None) -> None:
         help="run folder (the round chosen on validation is served), checkpoint folder or adapter export",
     )
     parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--modes", default="exact,ann", help="exact: the head scores every item; ann: two stages")
+    parser.add_argument("--vectors", default="clustered", choices=["clustered", "random"])
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--recall-users", type=int, default=200)
     parser.add_argument("--out", default="runs/serve-latency")
     args = parser.parse_args(argv)
     out = Path(args.out)
     _, folder, weights = read_checkpoint(args.run)
     dim = int(weights["user.out.weight"].shape[0])  # the encoder's hidden size
     rng = np.random.default_rng(0)
-    results = {}
+    results: dict[str, dict[str, float]] = {}
     for size in [int(s) for s in args.sizes.split(",")]:
         data = out / f"catalog-{size}"
         texts = synthetic_catalog(data, size, rng)
-        cache = out / "cache"
+        cache = out / f"cache-{args.vectors}"
         cache.mkdir(parents=True, exist_ok=True)
-        table = torch.nn.functional.normalize(
-            torch.randn(size, dim, generator=torch.Generator().manual_seed(size)), dim=-1
-        )
+        table = item_vectors(size, dim, args.vectors)
         save_table(cache / cache_name(weights_digest(weights), texts), table, torch.zeros(size))
-        with running_service(folder, [data], cache) as url:
-            results[size] = measure(url + "/recommend", size, args.requests, rng)
-        print(f"{size} items: {json.dumps(results[size])}", flush=True)
-    print(f"\n{'items':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 top-k':>10} {'p99 top-k':>10} {'req/s (4 clients)':>18}")
-    for size, r in results.items():
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            setting = {"exact": "serve.ann-min-items=0", "ann": "serve.ann-min-items=1"}[mode]
+            started = time.perf_counter()
+            with running_service(folder, [data], cache, 900.0, run_config=setting) as url:
+                key = f"{size} {mode}"
+                results[key] = {"ready_s": time.perf_counter() - started}
+                results[key] |= measure(url + "/recommend", size, args.requests, rng)
+            if mode == "ann":
+                results[key] |= recall(folder, data, cache, size, args.recall_users, rng)
+            print(f"{key}: {json.dumps(results[key])}", flush=True)
+    header = f"{'items':>8} {'mode':>5} {'p50 ms':>7} {'p99 ms':>7} {'p50 top-k':>9} {'p99 top-k':>9}"
+    print(f"\n{header} {'req/s (4 clients)':>17} {'recall@100':>10} {'recall@10':>9} {'ready s':>7}")
+    for key, r in results.items():
+        items, mode = key.split()
         print(
-            f"{size:8d} {r['mmr_p50_ms']:8.1f} {r['mmr_p99_ms']:8.1f} {r['topk_p50_ms']:10.1f} "
-            f"{r['topk_p99_ms']:10.1f} {r['throughput_rps_4_clients']:18.1f}"
+            f"{int(items):8d} {mode:>5} {r['mmr_p50_ms']:7.1f} {r['mmr_p99_ms']:7.1f} {r['topk_p50_ms']:9.1f} "
+            f"{r['topk_p99_ms']:9.1f} {r['throughput_rps_4_clients']:17.1f} "
+            f"{r.get('candidate_recall_at_100', 1.0):10.3f} {r.get('served_recall_at_10', 1.0):9.3f} "
+            f"{r['ready_s']:7.0f}"
         )
-    (out / "latency.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2) + "\n")
-    print(f"wrote {out / 'latency.json'}")
+    (out / f"latency-{args.vectors}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out / f'latency-{args.vectors}.json'}")
 
 
 if __name__ == "__main__":

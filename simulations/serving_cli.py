@@ -90,6 +90,7 @@ def running_service(
     startup_timeout: float = 300.0,
     reload_root: str | Path | None = None,
     reload_token: str | None = None,
+    run_config: str = "",
 ) -> Iterator[str]:
     """``crossrec serve`` as a separate process on a free loopback port; yields its URL, stops it on exit."""
     port = free_port()
@@ -108,6 +109,8 @@ def running_service(
     for folder in data:
         command += ["--data", str(folder)]
     env = dict(os.environ)
+    if run_config:
+        command += ["--run-config", run_config]
     if reload_root is not None:
         command += ["--reload-root", str(reload_root)]
         env[RELOAD_TOKEN] = reload_token or ""
