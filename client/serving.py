@@ -223,7 +223,7 @@ class Recommender:
         (None: no index, every item is a candidate)."""
         if catalog.ann is None:
             return None
-        query = torch.cat([user[0], user.new_ones(1)]).numpy()[None].astype(np.float32)
+        query = torch.cat([user[0].detach(), user.new_ones(1)]).numpy()[None].astype(np.float32)
         depth = faiss.SearchParametersHNSW(efSearch=max(count, 128))  # type: ignore[attr-defined]  # per call: threads
         _, rows = catalog.ann.search(query, min(count, catalog.ann.ntotal), params=depth)
         return torch.from_numpy(rows[0][rows[0] >= 0]).long()
