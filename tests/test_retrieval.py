@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import faiss
+import numpy as np
 import pytest
 import torch
 
-from client.serving import Recommender, Request
+from client.serving import Recommender, Request, hnsw_index, retrieval_vectors
 from client.state import PRIVATE_FILE, save_private
 from client.training import build_model, prepare
 from shared.checkpoint import save_checkpoint
@@ -85,6 +87,15 @@ def test_the_index_is_cached_per_checkpoint_and_catalog_and_rebuilt_when_damaged
     rebuilt = Recommender(checkpoint, [demo_dir / "video"], cache, settings)
     assert served(rebuilt, user_id=USERS[0], k=10) == served(first, user_id=USERS[0], k=10)
     assert index_file.stat().st_size > 1000
+
+    # an index of other vectors under this name (same shape) is not used: it is rebuilt from the table
+    vectors = retrieval_vectors(first.catalogs["video"].table, first.catalogs["video"].bias, 1.0)
+    other = hnsw_index(np.ascontiguousarray(vectors[::-1]), None)
+    faiss.write_index(other, str(index_file))
+    few = dataclasses.replace(settings, ann_candidates=30)  # (with every item a candidate, any index would do)
+    checked = Recommender(checkpoint, [demo_dir / "video"], cache, few)
+    for user in USERS:
+        assert served(checked, user_id=user, k=10) == served(first, user_id=user, k=10)
 
 
 def test_retrieval_settings_are_validated():
