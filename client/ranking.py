@@ -10,9 +10,11 @@ def utility(
     weights: torch.Tensor,
     values: torch.Tensor | None = None,
     value_weight: float = 0.0,
+    bounds: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Weighted sum of objective probabilities (N, K) @ (K,) with weights normalised to sum 1,
-    plus ``value_weight`` x the item value min-max scaled to [0, 1] (unknown values count 0)."""
+    plus ``value_weight`` x the item value min-max scaled to [0, 1] (unknown values count 0) by ``bounds``
+    (the whole catalog's known min and max when ``values`` are candidates of it; default: those of ``values``)."""
     total = float(weights.sum())
     if not total > 0 or bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
         raise ValueError(
@@ -22,7 +24,7 @@ def utility(
     if values is not None and value_weight != 0.0:
         known = torch.isfinite(values)
         if bool(known.any()):
-            low, high = values[known].min(), values[known].max()
+            low, high = (values[known].min(), values[known].max()) if bounds is None else map(torch.tensor, bounds)
             scaled = (values - low) / (high - low) if float(high - low) > 0 else torch.ones_like(values)
             out = out + value_weight * torch.where(known, scaled, torch.zeros_like(values))
     return out

@@ -43,6 +43,9 @@ def test_utility_weights_and_value_term():
     torch.testing.assert_close(utility(probs, torch.tensor([1.0, 3.0])), probs[:, 0] * 0.25 + probs[:, 1] * 0.75)
     values = torch.tensor([10.0, 30.0, math.nan])  # scaled to 0, 1, unknown -> 0
     torch.testing.assert_close(utility(probs, torch.tensor([1.0, 0.0]), values, 0.5), torch.tensor([0.9, 0.7, 0.5]))
+    # candidates of a larger catalog whose values span [0, 40]: scaled 0.25, 0.75, unknown -> 0
+    scaled = utility(probs, torch.tensor([1.0, 0.0]), values, 0.5, bounds=(0.0, 40.0))
+    torch.testing.assert_close(scaled, torch.tensor([1.025, 0.575, 0.5]))
     with pytest.raises(ValueError, match="sum to a positive number"):
         utility(probs, torch.tensor([0.0, 0.0]))
 

@@ -73,6 +73,29 @@ def test_two_stages_serve_what_scoring_every_item_serves(checkpoint, demo_dir, t
         assert not seen & {i for i, _ in served(few, user_id=user, k=10, exclude_seen=True)}
 
 
+def test_item_values_are_scaled_by_the_whole_catalog_in_both_modes(checkpoint, demo_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "video"
+    shutil.copytree(demo_dir / "video", folder)
+    items = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
+    for i, item in enumerate(items):
+        if i % 3:
+            item["value"] = float((i * 37) % 101)  # some items without a value
+    (folder / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    valued = ServeConfig(value_weight=0.5, ann_min_items=0, max_k=240)
+    exact = Recommender(checkpoint, [folder], tmp_path / "cache", valued)
+    two = Recommender(
+        checkpoint, [folder], tmp_path / "cache", dataclasses.replace(valued, ann_min_items=1, ann_candidates=30)
+    )
+    assert two.catalogs["video"].values is not None and two.catalogs["video"].ann is not None
+    for user in USERS:
+        every = dict(served(exact, user_id=user, k=240))  # each item's utility, scored with the whole catalog
+        for item, score in served(two, user_id=user, k=10):  # from 30 candidates: the same utility per item
+            assert score == pytest.approx(every[item], abs=1e-6)
+
+
 def test_the_index_is_cached_per_checkpoint_and_catalog_and_rebuilt_when_damaged(checkpoint, demo_dir, tmp_path):
     settings = ServeConfig(ann_min_items=1, ann_candidates=240)
     cache = tmp_path / "cache"
