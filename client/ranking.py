@@ -24,7 +24,7 @@ def utility(
     if values is not None and value_weight != 0.0:
         known = torch.isfinite(values)
         if bool(known.any()):
-            low, high = (values[known].min(), values[known].max()) if bounds is None else map(torch.tensor, bounds)
+            low, high = bounds if bounds is not None else (float(values[known].min()), float(values[known].max()))
             scaled = (values - low) / (high - low) if float(high - low) > 0 else torch.ones_like(values)
             out = out + value_weight * torch.where(known, scaled, torch.zeros_like(values))
     return out

@@ -70,6 +70,7 @@ class Catalog:
     bias: torch.Tensor  # (N,) the scenario's private output biases (zeros without its memory)
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # head's per-item features
     values: torch.Tensor | None  # (N,) item values
+    value_range: tuple[float, float] | None  # the catalog's known min and max value: one scale for candidates too
     ann: faiss.IndexHNSWFlat | None = None  # HNSW over the augmented item vectors (large catalogs only)
 
 
@@ -202,6 +203,8 @@ class Recommender:
             if cached is not None:
                 save_table(cached, table, bias)
         values = None if scenario.values is None else torch.from_numpy(scenario.values)
+        known = None if values is None else values[torch.isfinite(values)]
+        value_range = (float(known.min()), float(known.max())) if known is not None and len(known) else None
         scale = float(self.model.head.similarity.weight.detach())
         ann = None
         if 0 < self.cfg.serve.ann_min_items <= scenario.num_items:
@@ -218,6 +221,7 @@ class Recommender:
             bias=bias,
             features=self.model.head.item_features(table),
             values=values,
+            value_range=value_range,
             ann=ann,
         )
 
@@ -289,29 +293,25 @@ class Recommender:
             user, catalog, self.cfg.serve.ann_candidates + (len(seen) if request.exclude_seen else 0)
         )
         table, bias, features, values = catalog.table, catalog.bias, catalog.features, catalog.values
-        bounds = None
         if rows is not None:  # the head, the utility and MMR on the retrieved candidates only
-            table, bias = table[rows], bias[rows]
+            table, bias, values = table[rows], bias[rows], None if values is None else values[rows]
             features = (features[0][rows], features[1][rows], features[2][rows])
-            if values is not None:  # scaled by the whole catalog's range, as when every item is scored
-                known = values[torch.isfinite(values)]
-                bounds = (float(known.min()), float(known.max())) if len(known) else None
-                values = values[rows]
         logits = self.model.head.fast_scores(user, table, features)[0]  # (C, K)
         logits[:, 0] += bias
         probs = torch.sigmoid(logits)
-        scores = utility(probs, weights, values, self.cfg.serve.value_weight, bounds)
+        scores = utility(probs, weights, values, self.cfg.serve.value_weight, catalog.value_range)
         if request.exclude_seen and len(seen):
             seen_rows = torch.from_numpy(seen)
             scores[torch.isin(rows, seen_rows) if rows is not None else seen_rows] = -torch.inf
-        top = mmr(scores, table, request.k, diversity, self.cfg.serve.mmr_pool)
+        top = mmr(scores, table, request.k, diversity, self.cfg.serve.mmr_pool)  # positions among the scored
+        items = top if rows is None else rows[top].tolist()  # their catalog rows
         sc = catalog.scenario
         return [
             {
-                "item_id": sc.item_ids[i if rows is None else int(rows[i])],
-                "text": sc.texts[i if rows is None else int(rows[i])],
+                "item_id": sc.item_ids[item],
+                "text": sc.texts[item],
                 "score": float(scores[i]),
                 "objectives": {o: float(probs[i, j]) for j, o in enumerate(self.objectives)},
             }
-            for i in top
+            for i, item in zip(top, items, strict=True)
         ]

@@ -19,6 +19,7 @@ candidate stage's recall is measured in-process against exact scoring: the share
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import threading
 import time
@@ -62,23 +63,19 @@ def item_vectors(size: int, dim: int, kind: str) -> torch.Tensor:
 
 def recall(folder: Path, data: Path, cache: Path, size: int, users: int, rng: np.random.Generator) -> dict[str, float]:
     """Recall of the candidate stage against the head over every item, on ``users`` random 5-item histories."""
-    rec = Recommender(folder, [data], cache, ServeConfig(ann_min_items=1))
-    catalog = rec.catalogs[f"bench{size}"]
-    weights = rec._weights(Request(scenario=catalog.scenario.name))
+    two = Recommender(folder, [data], cache, ServeConfig(ann_min_items=1))
+    exact = Recommender(folder, [data], cache, ServeConfig(ann_min_items=0))  # same cached item vectors
+    catalog = two.catalogs[f"bench{size}"]
     at_100, at_10 = [], []
     for _ in range(users):
-        history = [f"i{j}" for j in rng.integers(size, size=5)]
-        user, _ = rec._user(Request(scenario=catalog.scenario.name, history=history), catalog)
-        with torch.no_grad():
-            logits = rec.model.head.fast_scores(user, catalog.table, catalog.features)[0]
-        logits[:, 0] += catalog.bias
-        exact = torch.topk(torch.sigmoid(logits) @ weights, 100).indices
-        found = rec.candidates(user, catalog, rec.cfg.serve.ann_candidates)
+        request = Request(scenario=catalog.scenario.name, history=[f"i{j}" for j in rng.integers(size, size=5)])
+        best = [catalog.index[str(i["item_id"])] for i in exact.recommend(dataclasses.replace(request, k=100))]
+        user, _ = two._user(request, catalog)
+        found = two.candidates(user, catalog, two.cfg.serve.ann_candidates)
         assert found is not None
-        at_100.append(len(set(exact.tolist()) & set(found.tolist())) / 100)
-        served = rec.recommend(Request(scenario=catalog.scenario.name, history=history))
-        got = {catalog.index[str(i["item_id"])] for i in served}
-        at_10.append(len(got & set(exact[:10].tolist())) / 10)
+        at_100.append(len(set(best) & set(found.tolist())) / 100)
+        got = {catalog.index[str(i["item_id"])] for i in two.recommend(request)}
+        at_10.append(len(got & set(best[:10])) / 10)
     return {"candidate_recall_at_100": float(np.mean(at_100)), "served_recall_at_10": float(np.mean(at_10))}
 
 

@@ -18,7 +18,7 @@ import client.app
 from client.app import train
 from client.serving import Recommender, Request
 from client.state import PRIVATE_FILE, load_private, private_source, private_state, round_copy, save_private
-from client.training import build_model, prepare
+from client.training import LocalData, build_model, prepare
 from server.rounds import initial_weights
 from server.strategy import expected_from
 from shared.checkpoint import save_checkpoint
@@ -172,9 +172,11 @@ def test_a_run_starts_from_text_alone_and_a_resumed_run_from_the_checkpoints_rou
     assert private_source(cfg_for(new, resume=2), daemon, "news", 2) == kept
 
 
-def test_serving_uses_the_private_memory_of_the_checkpoints_run(tiny_cfg, demo_dir, tmp_path):
-    data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
-    model = build_model(tiny_cfg, data)
+def served_video_model(cfg: Config, demo_dir) -> tuple[RecModel, LocalData]:
+    """The video scenario's model, made non-trivial: shared weights moved, a private memory whose residuals
+    and biases reorder items."""
+    data = prepare(load_scenario(demo_dir / "video"), cfg)
+    model = build_model(cfg, data)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():  # a non-trivial shared model
@@ -183,6 +185,11 @@ def test_serving_uses_the_private_memory_of_the_checkpoints_run(tiny_cfg, demo_d
         assert model.memory is not None
         model.memory.residual.weight.normal_(0, 0.5)
         model.memory.bias.weight.normal_(0, 3.0)
+    return model, data
+
+
+def test_serving_uses_the_private_memory_of_the_checkpoints_run(tiny_cfg, demo_dir, tmp_path):
+    model, data = served_video_model(tiny_cfg, demo_dir)
     weights = trainable_state(model)
     with_memory = save_checkpoint(tmp_path / "with", 1, weights, tiny_cfg, {})
     text_alone = save_checkpoint(tmp_path / "without", 1, weights, tiny_cfg, {})

@@ -10,14 +10,12 @@ import dataclasses
 import faiss
 import numpy as np
 import pytest
-import torch
+from test_private_memory import served_video_model
 
 from client.serving import Recommender, Request, hnsw_index, retrieval_vectors
 from client.state import PRIVATE_FILE, save_private
-from client.training import build_model, prepare
 from shared.checkpoint import save_checkpoint
 from shared.config import ServeConfig
-from shared.data import load_scenario
 from shared.records import trainable_state
 
 USERS = ("video-user-0001", "video-user-0004", "video-user-0100", "video-user-0300")
@@ -26,16 +24,7 @@ USERS = ("video-user-0001", "video-user-0004", "video-user-0100", "video-user-03
 @pytest.fixture()
 def checkpoint(tiny_cfg, demo_dir, tmp_path):
     """A non-trivial model with a private memory whose biases reorder items (the index must follow them)."""
-    data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
-    model = build_model(tiny_cfg, data)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-        assert model.memory is not None
-        model.memory.residual.weight.normal_(0, 0.5)
-        model.memory.bias.weight.normal_(0, 3.0)
+    model, data = served_video_model(tiny_cfg, demo_dir)
     folder = save_checkpoint(tmp_path / "run", 1, trainable_state(model), tiny_cfg, {})
     save_private(model, tmp_path / "run" / "clients" / "video" / PRIVATE_FILE, "video", data.scenario.item_ids)
     return folder
