@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message
@@ -57,11 +58,34 @@ def metric_lines(server_round: int, strategy: CrossrecFedAvg, reference: str = "
     return rows
 
 
+PULL_INTERVAL = 0.5  # seconds between two pulls of the replies still missing
+PULL_RETRIES = 5  # consecutive failed pulls (SuperLink errors 5xx) tolerated before the round fails
+
+
 def exchange(grid: Grid, strategy: CrossrecFedAvg, messages: Iterable[Message], cfg: Config) -> list[Message]:
-    """Send, wait up to ``fed.timeout`` for the replies, and tell the strategy where each message went."""
+    """Send, wait up to ``fed.timeout`` for the replies, and tell the strategy where each message went.
+
+    Like ``Grid.send_and_receive``, but polls every ``PULL_INTERVAL`` s (not 3 s) and rides out a few
+    consecutive server errors of the SuperLink (each logged) instead of losing the whole run to one."""
     sent = list(messages)
-    replies = list(grid.send_and_receive(sent, timeout=cfg.fed.timeout))
+    pending = {i for i in grid.push_messages(sent) if i}
     strategy.sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # ids are set when sent
+    deadline, failures, replies = time.monotonic() + cfg.fed.timeout, 0, []
+    while pending and time.monotonic() < deadline:
+        try:
+            got = list(grid.pull_messages(pending))
+            failures = 0
+        except httpx.HTTPStatusError as exc:
+            failures += 1
+            if exc.response.status_code < 500 or failures > PULL_RETRIES:
+                raise
+            log.warning("pulling replies failed (%s); retry %d of %d", exc, failures, PULL_RETRIES)
+            time.sleep(PULL_INTERVAL * 2**failures)
+            continue
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(PULL_INTERVAL)
     return replies
 
 

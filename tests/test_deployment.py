@@ -47,14 +47,14 @@ def config_text(overrides: dict[str, bool | int | float | str]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
 
 
-def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
+def wait_for(condition, timeout: float, what: str, poll: float = 0.5, detail=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{detail()}")
 
 
 def kill_tree(proc: subprocess.Popen[bytes]) -> None:
@@ -166,6 +166,18 @@ class Federation:
             config_text(overrides),
         )
 
+    def diagnostics(self, log: Path) -> str:
+        """What a failed run leaves to read: the end of its submit log, the SuperLink's errors and warnings,
+        and the end of every daemon's log."""
+        parts = [f"--- {log.name}\n{log.read_text()[-3000:] if log.exists() else '(none)'}"]
+        link = self.root / "link" / "superlink.log"
+        if link.exists():
+            lines = [line for line in link.read_text().splitlines() if "ERROR" in line or "WARN" in line]
+            parts.append("--- superlink.log, errors and warnings\n" + "\n".join(lines[-40:]))
+        for name in self.clients:
+            parts.append(f"--- client-{name}.out\n{self.client_log(name).read_text()[-1500:]}")
+        return "\n".join(parts)
+
     def stop(self) -> list[int]:
         """Stop every process started, with its descendants; return the PIDs still running afterwards."""
         tree: list[psutil.Process] = []
@@ -220,7 +232,7 @@ def full_run(federation: Federation, cfg: Config) -> Path:
         log = federation.root / "submit-full.out"
         extra: dict[str, bool | int | float | str] = {"fed.rounds": 2, "run.dir": str(run_dir)} | everyone(federation)
         proc = federation.submit(log, run_overrides(cfg, **extra))
-        assert finished(proc, log) == 0, log.read_text()[-3000:]
+        assert finished(proc, log) == 0, federation.diagnostics(log)
         assert "completed" in log.read_text()
     return run_dir
 
@@ -332,7 +344,7 @@ def test_client_killed_mid_round_then_rejoins(federation, tiny_cfg):
     assert not (run_dir / "checkpoints").exists()  # mid-round: nothing aggregated yet
     kill_tree(news)
 
-    assert finished(submit, log) == 0, log.read_text()[-3000:]
+    assert finished(submit, log) == 0, federation.diagnostics(log)
     meta = json.loads((run_dir / "checkpoints/round-0001/meta.json").read_text())
     assert set(meta["metrics"]) == set(federation.members) - {"news"}
     assert any(f"node {news_id}" in d and "Node Unavailable" in d for d in meta["dropped"]), meta["dropped"]
@@ -374,10 +386,15 @@ def test_server_killed_after_round_1_then_resumed(federation, tiny_cfg):
     submit = federation.submit(
         log, run_overrides(tiny_cfg, **{"fed.rounds": 2, "run.dir": str(run_dir)} | everyone(federation))
     )
-    wait_for(lambda: (run_dir / "checkpoints/round-0001").is_dir() or submit.poll() is not None, RUN_TIMEOUT, "round 1")
+    wait_for(
+        lambda: (run_dir / "checkpoints/round-0001").is_dir() or submit.poll() is not None,
+        RUN_TIMEOUT,
+        "round 1",
+        detail=lambda: federation.diagnostics(log),
+    )
     assert federation.superlink is not None
     kill_tree(federation.superlink)
-    assert finished(submit, log) == 1
+    assert finished(submit, log) == 1, federation.diagnostics(log)
     assert "lost the SuperLink" in log.read_text()
     assert not (run_dir / "checkpoints/round-0002").exists()
 
@@ -390,7 +407,7 @@ def test_server_killed_after_round_1_then_resumed(federation, tiny_cfg):
             tiny_cfg, **{"fed.rounds": 2, "run.resume": resume, "run.dir": str(resumed_dir)} | everyone(federation)
         ),
     )
-    assert finished(submit, log) == 0, log.read_text()[-3000:]
+    assert finished(submit, log) == 0, federation.diagnostics(log)
     assert not (resumed_dir / "checkpoints/round-0001").exists()  # only round 2 ran
     a = load_file(str(full_run(federation, tiny_cfg) / "checkpoints/round-0002/weights.safetensors"))
     b = load_file(str(resumed_dir / "checkpoints/round-0002/weights.safetensors"))
