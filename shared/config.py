@@ -40,6 +40,7 @@ class ModelConfig:
     seq_dropout: float = 0.2  # dropout in the sequence encoder (training only)
     scale: float = 20.0  # initial scale a of the ranking logit a * cos(user, item) (learned; 1 / temperature)
     item_memory: bool = True  # scenario-private per-item residual + output bias, trained locally, never sent
+    memory_dropout: float = 0.0  # share of items whose private residual is dropped at each training step
     text_adaptor: bool = True  # shared linear map of every text vector (identity at start), trained on the full catalog
     head_experts: int = 4  # MMoE experts shared by the non-ranking objectives
     head_hidden: int = 64  # width of the MMoE's projections and experts
@@ -53,8 +54,9 @@ class ModelConfig:
             _fail("model.seq-dim", self.seq_dim, f"must be a multiple of model.seq-heads ({self.seq_heads})")
         if not (math.isfinite(self.scale) and self.scale > 0):
             _fail("model.scale", self.scale, "must be a finite number > 0")
-        if not 0.0 <= self.seq_dropout < 1.0:
-            _fail("model.seq-dropout", self.seq_dropout, "must be in [0, 1)")
+        for key in ("seq_dropout", "memory_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                _fail(f"model.{key.replace('_', '-')}", getattr(self, key), "must be in [0, 1)")
         names = _names(self.objectives)
         if not names or len(set(names)) != len(names):
             _fail("model.objectives", self.objectives, "needs distinct comma-separated names")
@@ -94,6 +96,7 @@ class TrainConfig:
     local_steps: int = 25  # optimiser steps per round
     batch_size: int = 128  # users sampled per step, one sequence each (loss at every position)
     fresh_items: int = 1  # per user: items of its sequence encoded fresh through LoRA (the adapters' gradient)
+    fresh_every: int = 1  # fresh items on every N-th step only (the others train on the item table: ~6x cheaper)
     table_refresh: int = 0  # steps between refreshes of the item table; 0 = once per round
     lr: float = 0.001
     lora_lr: float = 0.0001  # learning rate of the LoRA adapters (10x below lr: measured, BENCHMARKS.md)
@@ -104,7 +107,7 @@ class TrainConfig:
     threads: int = 0  # torch threads per process; 0 keeps torch's default
 
     def __post_init__(self) -> None:
-        for key in ("local_steps", "batch_size"):
+        for key in ("local_steps", "batch_size", "fresh_every"):
             if getattr(self, key) < 1:
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
         for key in ("fresh_items", "table_refresh", "threads"):

@@ -461,12 +461,18 @@ class RecModel(nn.Module):
 
     def item_vectors(self, text: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Item vectors from text vectors (..., H) of catalog items ``index`` (...): unit(adaptor(text) +
-        private residual); without an adaptor the text itself, without an item memory no residual."""
+        private residual); without an adaptor the text itself, without an item memory no residual. In
+        training mode each residual is dropped with probability ``model.memory-dropout`` (the shared parts
+        learn to rank from text alone too: what a scenario without the memory, a newcomer, receives)."""
         if self.adaptor is None and self.memory is None:
             return text
         vectors = text if self.adaptor is None else self.adaptor(text)
         if self.memory is not None:
-            vectors = vectors + self.memory.residual(index)
+            residual = self.memory.residual(index)
+            drop = self.cfg.model.memory_dropout
+            if self.training and drop:  # whole residuals of random items; kept ones not rescaled
+                residual = residual * (torch.rand(index.shape, device=residual.device) >= drop)[..., None]
+            vectors = vectors + residual
         return F.normalize(vectors, dim=-1)
 
     def catalog_parts(self) -> list[nn.Module]:

@@ -90,6 +90,37 @@ def test_training_moves_trainables_and_leaves_frozen_weights_bit_identical(tiny_
     assert "adaptor.weight" in moved
 
 
+def test_fresh_items_go_through_lora_on_every_nth_step_only(tiny_cfg, demo_dir, monkeypatch):
+    """``train.fresh-every = 3`` over 7 steps: fresh items (an encoding with a gradient) on steps 0, 3, 6;
+    the steps between still move everything but LoRA."""
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, local_steps=7, fresh_every=3))
+    data = prepare(load_scenario(demo_dir / "video"), cfg)
+    model = build_model(cfg, data)
+    real, calls = model.encode_items, []
+
+    def spy(index):
+        calls.append(torch.is_grad_enabled())
+        return real(index)
+
+    monkeypatch.setattr(model, "encode_items", spy)
+    train_round(model, data, cfg, server_round=1)
+    assert calls.count(True) == 3
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=2, fresh_every=2))
+    model = build_model(cfg, data)
+    steps = []
+    real_step = torch.optim.AdamW.step
+
+    def record(optimizer, *args, **kwargs):  # which parameters had a gradient at each step
+        steps.append({n for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum())})
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    train_round(model, data, cfg, server_round=1)
+    assert any("lora_" in n for n in steps[0]) and not any("lora_" in n for n in steps[1])
+    assert {"user.out.weight", "memory.residual.weight", "adaptor.weight"} <= steps[1]
+
+
 @torch.no_grad()
 def test_text_adaptor_starts_as_identity_and_maps_every_item(tiny_cfg, demo_dir):
     """At initialisation the adaptor changes nothing (item vectors = the text vectors: the zero-shot model);

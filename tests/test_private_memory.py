@@ -258,3 +258,29 @@ def test_serving_a_round_uses_the_memory_that_round_was_evaluated_with(tmp_path)
     state = tmp_path / "state"  # a daemon's state folder given to the service: its copy of round 2 first
     daemon = write(round_copy(state / PRIVATE_FILE, str(run), 2))
     assert private_file(checkpoint, "news", [state], str(run)) == daemon
+
+
+def test_memory_dropout_drops_whole_residuals_in_training_only(tiny_cfg, demo_dir):
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, memory_dropout=0.5))
+    data = prepare(load_scenario(demo_dir / "video"), cfg)
+    model = build_model(cfg, data)
+    random_memory(model, 3)
+    index = torch.arange(model.num_items)
+    text = model.text_table()
+    with_memory = F.normalize(model.adaptor(text) + model.memory.residual(index), dim=-1).detach()
+    text_only = F.normalize(model.adaptor(text), dim=-1).detach()
+    assert torch.equal(model.item_vectors(text, index), with_memory)  # eval mode: every residual, always
+
+    model.train()
+    torch.manual_seed(0)
+    vectors = model.item_vectors(text, index).detach()
+    kept = torch.isclose(vectors, with_memory, atol=1e-6).all(-1)
+    dropped = torch.isclose(vectors, text_only, atol=1e-6).all(-1)
+    assert bool((kept ^ dropped).all())  # each item has its whole residual or none of it
+    assert 0.4 < float(dropped.float().mean()) < 0.6, float(dropped.float().mean())
+
+
+def test_memory_dropout_must_be_a_share():
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="model.memory-dropout"):
+            Config.from_run_config({**Config().to_flat(), "model.memory-dropout": bad})
