@@ -127,17 +127,17 @@ def make_batch(
     rng: np.random.Generator,
     recent: bool = False,
     per_user: bool = False,
-    fresh: bool = True,
+    with_fresh: bool = True,
 ) -> Batch:
     """Each user's window of ``model.history`` + 1 consecutive training items, ending at a random point
     (every position of a long sequence is a target in some window; a short sequence is taken whole) or,
     with ``recent``, at its end; its labels, and ``train.fresh-items`` distinct items per user: its
     window's targets, topped up with random catalog items. ``per_user`` (DP: each user's fresh items are
     its only candidates in the fresh softmax) takes at least two, since a softmax over one has no gradient;
-    ``fresh=False`` takes none (a step on the item table alone)."""
+    ``with_fresh=False`` takes none (a step on the item table alone)."""
     names, length = cfg.model.objective_names, cfg.model.history + 1
     wanted = max(cfg.train.fresh_items, 2) if per_user and cfg.train.fresh_items else cfg.train.fresh_items
-    wanted = wanted if fresh else 0
+    wanted = wanted if with_fresh else 0
     fresh_count = min(wanted, num_items)
     windows, fresh = [], np.zeros((len(users), fresh_count), dtype=np.int64)
     labels = np.full((len(users), length, len(names)), np.nan, dtype=np.float32)
@@ -263,7 +263,7 @@ def train_round(
                 if len(users):
                     fresh = privacy is not None or step % cfg.train.fresh_every == 0  # DP: every step alike
                     per_user = privacy is not None
-                    batch = make_batch(data, cfg, users, model.num_items, rng, per_user=per_user, fresh=fresh)
+                    batch = make_batch(data, cfg, users, model.num_items, rng, per_user=per_user, with_fresh=fresh)
                     loss, parts = loss_fn(model, batch, text, cfg.train.aux_weight, shared=privacy is None)
                     loss.backward()
                     parts = {"loss": float(loss.detach()), **parts}
