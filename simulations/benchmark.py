@@ -71,7 +71,8 @@ DEFAULT_RUN_CONFIG = {
     "model.history": 20,
     "model.head-hidden": 32,
     "fed.rounds": 3,
-    "train.local-steps": 60,
+    "train.local-steps": 300,
+    "train.fresh-every": 10,
 }
 # SASRec settings chosen on each scenario's validation split (defaults: Amazon); MovieLens has 610 users,
 # so 256-user batches give 3 steps an epoch: 32-user batches and dropout 0.2 did best there

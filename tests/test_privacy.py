@@ -127,7 +127,7 @@ def test_per_example_gradient_is_the_gradient_of_that_user_alone(tiny_cfg, demo_
     but are frozen."""
     cfg = dataclasses.replace(
         tiny_cfg,
-        model=dataclasses.replace(tiny_cfg.model, seq_dropout=0.0),  # training mode, but deterministic
+        model=dataclasses.replace(tiny_cfg.model, seq_dropout=0.0, memory_dropout=0.0),  # training mode, deterministic
         train=dataclasses.replace(tiny_cfg.train, fresh_items=3),
     )
     data = prepare(load_scenario(demo_dir / "shop"), cfg)
