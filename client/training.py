@@ -252,19 +252,19 @@ def train_round(
     model.train()
     totals: dict[str, float] = {}
     steps, started = cfg.train.local_steps, time.perf_counter()
+    private = privacy is not None  # DP: Poisson-sampled users, per-user fresh items on every step
     try:
         with privacy.attached(model, optimizer) if privacy else contextlib.nullcontext(optimizer) as step_optimizer:
             bar = tqdm(range(steps), desc=f"{data.scenario.name} round {server_round}", unit="step", disable=None)
             for step in bar:  # (the bar shows on a terminal only: not in Flower's client processes or logs)
                 if cfg.train.table_refresh and step and step % cfg.train.table_refresh == 0:
                     text = model.text_table()
-                users = sample_users(data, cfg, rng, poisson=privacy is not None)
+                users = sample_users(data, cfg, rng, poisson=private)
                 step_optimizer.zero_grad(set_to_none=True)
                 if len(users):
-                    fresh = privacy is not None or step % cfg.train.fresh_every == 0  # DP: every step alike
-                    per_user = privacy is not None
-                    batch = make_batch(data, cfg, users, model.num_items, rng, per_user=per_user, with_fresh=fresh)
-                    loss, parts = loss_fn(model, batch, text, cfg.train.aux_weight, shared=privacy is None)
+                    fresh = private or step % cfg.train.fresh_every == 0
+                    batch = make_batch(data, cfg, users, model.num_items, rng, per_user=private, with_fresh=fresh)
+                    loss, parts = loss_fn(model, batch, text, cfg.train.aux_weight, shared=not private)
                     loss.backward()
                     parts = {"loss": float(loss.detach()), **parts}
                 else:  # an empty Poisson batch is still a noisy step
