@@ -84,14 +84,15 @@ def _reply(
 
 
 def private_path(cfg: Config, context: Context, data: LocalData) -> Path | None:
-    """Where this client keeps its private item memory; None when the model has none."""
-    if not cfg.model.item_memory:
+    """Where this client keeps its private state (item memory, personal modules); None when it has none."""
+    if not cfg.model.item_memory and not cfg.fed.personal_modules:
         return None
     folder = state_folder(cfg, context.node_config, data.scenario.name)
     if folder is None:
+        keys = [k for k, on in (("model.item-memory", cfg.model.item_memory), ("fed.personal", cfg.fed.personal)) if on]
         raise ValueError(
-            "model.item-memory needs a place for the client's private state: node config 'state-dir' "
-            "(client daemon) or config key 'run.dir'"
+            f"{' and '.join(keys)} {'need' if len(keys) > 1 else 'needs'} a place for the client's private state: "
+            "node config 'state-dir' (client daemon) or config key 'run.dir'"
         )
     return folder / PRIVATE_FILE
 

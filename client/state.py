@@ -88,9 +88,16 @@ def private_source(cfg: Config, path: Path, scenario: str, upto: int) -> Path | 
     return None
 
 
+def is_private(model: RecModel, name: str) -> bool:
+    """Whether parameter ``name`` lives in the client's private state: the item memory (never sent) or a
+    module of ``fed.personal`` (sent too, but the client keeps training its own copy)."""
+    return name.startswith(PRIVATE_PREFIX) or name.split(".", 1)[0] in model.cfg.fed.personal_modules
+
+
 def private_state(model: RecModel) -> dict[str, torch.Tensor]:
-    """Copies of the scenario-private parameters, by name (empty without an item memory)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(PRIVATE_PREFIX)}
+    """Copies of the parameters kept in the client's private state, by name (empty without an item memory
+    and personal modules)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_private(model, n)}
 
 
 def private_scenario(path: Path) -> str | None:
@@ -123,9 +130,11 @@ def save_private(model: RecModel, path: Path, scenario: str, item_ids: list[str]
 
 
 def load_private(model: RecModel, path: Path, item_ids: list[str]) -> int:
-    """Load private parameters written by :func:`save_private` onto the model's catalog ``item_ids``,
-    matching rows by item id; returns how many catalog items it knew. Shapes other than the item count
-    must match; a file that cannot be read is an error naming it (nothing is loaded)."""
+    """Load private parameters written by :func:`save_private` onto the model's catalog ``item_ids``:
+    the item memory's rows matched by item id, personal modules as they are (a file without them, written
+    before ``fed.personal`` named them, leaves the global ones); returns how many catalog items it knew.
+    Shapes other than the item count must match; a file that cannot be read is an error naming it
+    (nothing is loaded)."""
     params = dict(model.named_parameters())
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -133,21 +142,33 @@ def load_private(model: RecModel, path: Path, item_ids: list[str]) -> int:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (OSError, SafetensorError, KeyError, ValueError) as exc:
         raise ValueError(f"private state {path} is unreadable ({exc}); move it away to start from text alone") from None
-    missing = sorted(set(private_state(model)) - set(tensors))
+    wanted = private_state(model)
+    missing = sorted(n for n in wanted if n.startswith(PRIVATE_PREFIX) and n not in tensors)  # personal: may lack
     if missing:
         raise ValueError(f"private state {path} lacks {missing}: written by a different model")
     rows = {item: i for i, item in enumerate(stored_ids)}
     known = [(i, rows[item]) for i, item in enumerate(item_ids) if item in rows]
     target = torch.tensor([i for i, _ in known], dtype=torch.long)
     source = torch.tensor([j for _, j in known], dtype=torch.long)
+    memory = [n for n in wanted if n.startswith(PRIVATE_PREFIX)]
+    personal = [n for n in wanted if n not in memory and n in tensors]
+    for name in memory:  # every check before anything is loaded
+        param, stored = params[name], tensors[name]
+        if stored.shape[0] != len(stored_ids) or stored.shape[1:] != param.shape[1:]:
+            raise ValueError(
+                f"private state {path}: '{name}' has shape {tuple(stored.shape)}, the model needs "
+                f"(items, {', '.join(map(str, param.shape[1:]))})"
+            )
+    for name in personal:
+        if tensors[name].shape != params[name].shape:
+            raise ValueError(
+                f"private state {path}: '{name}' has shape {tuple(tensors[name].shape)}, the model needs "
+                f"{tuple(params[name].shape)}: written by a different model"
+            )
     with torch.no_grad():
-        for name in private_state(model):
-            param, stored = params[name], tensors[name]
-            if stored.shape[0] != len(stored_ids) or stored.shape[1:] != param.shape[1:]:
-                raise ValueError(
-                    f"private state {path}: '{name}' has shape {tuple(stored.shape)}, the model needs "
-                    f"(items, {', '.join(map(str, param.shape[1:]))})"
-                )
-            param.zero_()
-            param[target] = stored[source].to(param.dtype)
+        for name in personal:
+            params[name].copy_(tensors[name].to(params[name].dtype))
+        for name in memory:
+            params[name].zero_()
+            params[name][target] = tensors[name][source].to(params[name].dtype)
     return len(known)

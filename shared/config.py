@@ -123,9 +123,13 @@ class TrainConfig:
             _fail("train.seed", self.seed, "must be >= 0")
 
 
+PERSONAL_CHOICES = ("user", "head", "adaptor")  # the shared modules a client can keep its own copy of
+
+
 @dataclass(frozen=True)
 class FedConfig:
-    """Server-side federation settings: rounds, how replies are weighted, bounded and combined."""
+    """Federation settings: rounds, how replies are weighted, bounded and combined, and which shared
+    modules each client also keeps a personal copy of."""
 
     rounds: int = 3  # validation peaked at rounds 1-3 on the demo and the public benchmark (BENCHMARKS.md)
     min_clients: int = 3  # a round needs this many valid replies
@@ -137,8 +141,18 @@ class FedConfig:
     robust: str = "mean"  # "mean" (weighted), "trimmed-mean" or "median" (coordinate-wise, unweighted)
     trim: float = 0.2  # share of replies trimmed at each end of every coordinate under "trimmed-mean"
     timeout: float = 3600.0  # seconds to wait for replies in a round
+    # comma list of shared modules ("user", "head", "adaptor") each client keeps training from its own copy:
+    # still sent and averaged (the global model that serves newcomers), never loaded back by the client
+    personal: str = ""
+
+    @property
+    def personal_modules(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.personal.split(",") if name.strip())
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.personal_modules) - set(PERSONAL_CHOICES))
+        if unknown:
+            _fail("fed.personal", self.personal, f"names {unknown}; choose from " + ", ".join(PERSONAL_CHOICES))
         if self.rounds < 1:
             _fail("fed.rounds", self.rounds, "must be >= 1")
         if self.min_clients < 1:

@@ -75,6 +75,57 @@ def test_memory_never_leaves_the_client_and_the_next_round_starts_from_it(tiny_c
     assert any(not np.array_equal(sent[k], replies[1][k]) for k in sent)
 
 
+def test_personal_modules_are_sent_but_each_round_starts_from_the_clients_own_copy(
+    tiny_cfg, demo_dir, tmp_path, monkeypatch
+):
+    """fed.personal = "user": the sequence encoder still travels (the global model for newcomers), but
+    round 2 starts from what this client trained in round 1, not from the global weights it is sent;
+    the modules not named (head, LoRA) start from the global weights as before."""
+    cfg = dataclasses.replace(tiny_cfg, fed=dataclasses.replace(tiny_cfg.fed, personal="user"))
+    _, weights, _ = initial_weights(cfg)
+    started: list[dict[str, np.ndarray]] = []  # every shared weight each round starts training from
+    real_train_round = client.app.train_round
+
+    def spy(model, *args, **kwargs):
+        started.append(trainable_state(model))
+        return real_train_round(model, *args, **kwargs)
+
+    monkeypatch.setattr(client.app, "train_round", spy)
+    sent = []
+    for server_round in (1, 2):  # the server sends the same global weights twice
+        out = train(train_message(weights, server_round), context(cfg, demo_dir, 0, tmp_path / "run"))
+        sent.append(from_arrayrecord(out.content.array_records[ARRAYS]))
+        assert set(sent[-1]) == set(weights)  # the personal modules are still sent
+    kept = load_file(str(tmp_path / "run" / "clients" / "shop" / PRIVATE_FILE))
+    user = {k for k in weights if k.startswith("user.")}
+    assert user and user <= set(kept) and not any(k.startswith("head.") for k in kept)
+    for name in weights:
+        assert np.array_equal(started[0][name], weights[name]), name  # round 1: the global weights
+        want = sent[0][name] if name in user else weights[name]  # round 2: its own copy of the personal ones
+        assert np.array_equal(started[1][name], want), name
+    assert any(not np.array_equal(sent[0][k], weights[k]) for k in user)  # they trained
+
+    # a private file written without personal modules leaves the global ones; a wrong shape is an error
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    plain = build_model(tiny_cfg, data)
+    save_private(plain, tmp_path / "plain" / PRIVATE_FILE, "shop", data.scenario.item_ids)
+    model = build_model(cfg, data)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("user.")}
+    load_private(model, tmp_path / "plain" / PRIVATE_FILE, data.scenario.item_ids)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    wide = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seq_dim=2 * cfg.model.seq_dim))
+    save_private(build_model(wide, data), tmp_path / "wide" / PRIVATE_FILE, "shop", data.scenario.item_ids)
+    with pytest.raises(ValueError, match="'user.inp.weight' has shape .* written by a different model"):
+        load_private(model, tmp_path / "wide" / PRIVATE_FILE, data.scenario.item_ids)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # nothing loaded
+
+
+def test_personal_names_only_shared_modules():
+    assert Config.from_run_config({"fed.personal": "user, head"}).fed.personal_modules == ("user", "head")
+    with pytest.raises(ValueError, match="fed.personal.*'memory'"):
+        Config.from_run_config({"fed.personal": "user,memory"})
+
+
 def test_item_memory_needs_a_state_folder(tiny_cfg, demo_dir):
     _, weights, _ = initial_weights(tiny_cfg)
     with pytest.raises(ValueError, match="needs a place for the client's private state"):
