@@ -198,11 +198,12 @@ class Federation:
         return survivors
 
 
-def finished(proc: subprocess.Popen[bytes], log: Path) -> int:
+def finished(proc: subprocess.Popen[bytes], federation: Federation, log: Path) -> int:
+    """The run's exit code; a run still going after RUN_TIMEOUT fails with the federation's diagnostics."""
     try:
         return proc.wait(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"run did not finish in {RUN_TIMEOUT:.0f}s: {log.read_text()[-3000:]}") from exc
+        raise AssertionError(f"run did not finish in {RUN_TIMEOUT:.0f}s\n{federation.diagnostics(log)}") from exc
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def full_run(federation: Federation, cfg: Config) -> Path:
         log = federation.root / "submit-full.out"
         extra: dict[str, bool | int | float | str] = {"fed.rounds": 2, "run.dir": str(run_dir)} | everyone(federation)
         proc = federation.submit(log, run_overrides(cfg, **extra))
-        assert finished(proc, log) == 0, federation.diagnostics(log)
+        assert finished(proc, federation, log) == 0, federation.diagnostics(log)
         assert "completed" in log.read_text()
     return run_dir
 
@@ -344,7 +345,7 @@ def test_client_killed_mid_round_then_rejoins(federation, tiny_cfg):
     assert not (run_dir / "checkpoints").exists()  # mid-round: nothing aggregated yet
     kill_tree(news)
 
-    assert finished(submit, log) == 0, federation.diagnostics(log)
+    assert finished(submit, federation, log) == 0, federation.diagnostics(log)
     meta = json.loads((run_dir / "checkpoints/round-0001/meta.json").read_text())
     assert set(meta["metrics"]) == set(federation.members) - {"news"}
     assert any(f"node {news_id}" in d and "Node Unavailable" in d for d in meta["dropped"]), meta["dropped"]
@@ -394,7 +395,7 @@ def test_server_killed_after_round_1_then_resumed(federation, tiny_cfg):
     )
     assert federation.superlink is not None
     kill_tree(federation.superlink)
-    assert finished(submit, log) == 1, federation.diagnostics(log)
+    assert finished(submit, federation, log) == 1, federation.diagnostics(log)
     assert "lost the SuperLink" in log.read_text()
     assert not (run_dir / "checkpoints/round-0002").exists()
 
@@ -407,7 +408,7 @@ def test_server_killed_after_round_1_then_resumed(federation, tiny_cfg):
             tiny_cfg, **{"fed.rounds": 2, "run.resume": resume, "run.dir": str(resumed_dir)} | everyone(federation)
         ),
     )
-    assert finished(submit, log) == 0, federation.diagnostics(log)
+    assert finished(submit, federation, log) == 0, federation.diagnostics(log)
     assert not (resumed_dir / "checkpoints/round-0001").exists()  # only round 2 ran
     a = load_file(str(full_run(federation, tiny_cfg) / "checkpoints/round-0002/weights.safetensors"))
     b = load_file(str(resumed_dir / "checkpoints/round-0002/weights.safetensors"))
