@@ -33,8 +33,14 @@ def train_message(weights: dict[str, np.ndarray], server_round: int) -> Message:
     return Message(content, dst_node_id=1, message_type="train")
 
 
+def memory_only(cfg: Config) -> Config:
+    """The config with the item memory as the client's only private state (no personal modules)."""
+    return dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, personal=""))
+
+
 def test_memory_never_leaves_the_client_and_the_next_round_starts_from_it(tiny_cfg, demo_dir, tmp_path, monkeypatch):
     assert tiny_cfg.model.item_memory
+    tiny_cfg = memory_only(tiny_cfg)
     _, weights, _ = initial_weights(tiny_cfg)
     expected = set(trainable_state(RecModel(tiny_cfg)))
     assert set(weights) == expected and not any(k.startswith(PRIVATE_PREFIX) for k in expected)
@@ -107,9 +113,13 @@ def test_personal_modules_are_sent_but_each_round_starts_from_the_clients_own_co
 
     # a private file written without personal modules leaves the global ones; a wrong shape is an error
     data = prepare(load_scenario(demo_dir / "shop"), cfg)
-    plain = build_model(tiny_cfg, data)
+    plain = build_model(memory_only(tiny_cfg), data)
     save_private(plain, tmp_path / "plain" / PRIVATE_FILE, "shop", data.scenario.item_ids)
     model = build_model(cfg, data)
+    with torch.no_grad():  # global weights that differ from the plain model's
+        for name, param in model.named_parameters():
+            if name.startswith("user."):
+                param.add_(1.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("user.")}
     load_private(model, tmp_path / "plain" / PRIVATE_FILE, data.scenario.item_ids)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
@@ -128,7 +138,7 @@ def test_personal_names_only_shared_modules():
 
 def test_item_memory_needs_a_state_folder(tiny_cfg, demo_dir):
     _, weights, _ = initial_weights(tiny_cfg)
-    with pytest.raises(ValueError, match="needs a place for the client's private state"):
+    with pytest.raises(ValueError, match="item-memory and fed.personal need a place for the client.s private state"):
         train(train_message(weights, 1), context(tiny_cfg, demo_dir, 0))
 
 
@@ -141,6 +151,7 @@ def random_memory(model: RecModel, seed: int) -> None:
 
 
 def test_private_state_survives_a_restart_and_loads_by_item_id(tiny_cfg, demo_dir, tmp_path):
+    tiny_cfg = memory_only(tiny_cfg)
     data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
     model = build_model(tiny_cfg, data)
     random_memory(model, 0)
