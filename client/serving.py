@@ -33,7 +33,7 @@ from shared.model import RecModel, full_encoder_items
 from shared.records import load_trainable
 
 from .ranking import mmr, utility
-from .state import PRIVATE_FILE, load_private, private_scenario, round_copy
+from .state import PRIVATE_FILE, load_personal, load_private, private_scenario, round_copy
 
 logger = logging.getLogger(__name__)
 HNSW_NEIGHBOURS = 48  # links per node (M) of the HNSW graph
@@ -71,6 +71,7 @@ class Catalog:
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # head's per-item features
     values: torch.Tensor | None  # (N,) item values
     value_range: tuple[float, float] | None  # the catalog's known min and max value: one scale for candidates too
+    model: RecModel  # the checkpoint's model with this scenario's personal modules (fed.personal), if it has them
     ann: faiss.IndexHNSWFlat | None = None  # HNSW over the augmented item vectors (large catalogs only)
 
 
@@ -180,11 +181,13 @@ class Recommender:
         return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in self.weights.values()))
 
     def _catalog(self, scenario: Scenario, cache_dir: str | Path | None) -> Catalog:
+        personal = self.cfg.fed.personal_modules
         private = (
             private_file(self.checkpoint, scenario.name, self.state_dirs, self.cfg.run.dir)
-            if self.cfg.model.item_memory
+            if self.cfg.model.item_memory or personal
             else None
         )
+        model = self.model.personal_copy() if private is not None and personal else self.model
         cached = Path(cache_dir) / cache_name(self.checkpoint_id, scenario.texts, private) if cache_dir else None
         table = bias = None
         if cached is not None and cached.is_file():
@@ -196,16 +199,18 @@ class Recommender:
             if table is not None and (table.shape != (scenario.num_items, self.dim) or bias is None):
                 table = bias = None
         if table is None or bias is None:
-            self.model.attach_catalog(scenario.texts)
+            model.attach_catalog(scenario.texts)
             if private is not None:
-                load_private(self.model, private, scenario.item_ids)
-            table, bias = self.model.item_table()
+                load_private(model, private, scenario.item_ids)
+            table, bias = model.item_table()
             if cached is not None:
                 save_table(cached, table, bias)
+        elif private is not None and personal:  # the table is cached; the user model is not
+            load_personal(model, private)
         values = None if scenario.values is None else torch.from_numpy(scenario.values)
         known = None if values is None else values[torch.isfinite(values)]
         value_range = (float(known.min()), float(known.max())) if known is not None and len(known) else None
-        scale = float(self.model.head.similarity.weight.detach())
+        scale = float(model.head.similarity.weight.detach())
         ann = None
         if 0 < self.cfg.serve.ann_min_items <= scenario.num_items:
             if scale > 0:
@@ -219,9 +224,10 @@ class Recommender:
             histories=dict(zip(scenario.users, scenario.sequences, strict=True)),
             table=table,
             bias=bias,
-            features=self.model.head.item_features(table),
+            features=model.head.item_features(table),
             values=values,
             value_range=value_range,
+            model=model,
             ann=ann,
         )
 
@@ -260,8 +266,8 @@ class Recommender:
             texts = [t for t in request.history_texts if isinstance(t, str) and t.strip()]
             if not texts or len(texts) != len(request.history_texts):
                 raise RequestError("history_texts must be a non-empty list of non-empty strings")
-            vectors = full_encoder_items(self.model, list(texts[-length:]))  # (T, H), oldest first
-            return self.model.user_from_vectors(vectors), np.zeros(0, np.int64)
+            text = full_encoder_items(catalog.model, list(texts[-length:]))  # (T, H), oldest first
+            return catalog.model.user_from_vectors(catalog.model.text_item_vectors(text)), np.zeros(0, np.int64)
         if request.user_id is not None:
             if request.user_id not in catalog.histories:
                 raise RequestError(f"user_id '{request.user_id}' has no history in scenario '{request.scenario}'")
@@ -274,7 +280,7 @@ class Recommender:
             if unknown:
                 raise RequestError(f"history: unknown item ids {unknown[:5]} in scenario '{request.scenario}'")
             rows = np.asarray([catalog.index[i] for i in request.history], dtype=np.int64)
-        return self.model.user_from_vectors(catalog.table[torch.from_numpy(rows[-length:])]), rows
+        return catalog.model.user_from_vectors(catalog.table[torch.from_numpy(rows[-length:])]), rows
 
     @torch.no_grad()
     def recommend(self, request: Request) -> list[dict[str, object]]:
@@ -296,7 +302,7 @@ class Recommender:
         if rows is not None:  # the head, the utility and MMR on the retrieved candidates only
             table, bias, values = table[rows], bias[rows], None if values is None else values[rows]
             features = (features[0][rows], features[1][rows], features[2][rows])
-        logits = self.model.head.fast_scores(user, table, features)[0]  # (C, K)
+        logits = catalog.model.head.fast_scores(user, table, features)[0]  # (C, K)
         logits[:, 0] += bias
         probs = torch.sigmoid(logits)
         scores = utility(probs, weights, values, self.cfg.serve.value_weight, catalog.value_range)

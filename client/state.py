@@ -129,29 +129,55 @@ def save_private(model: RecModel, path: Path, scenario: str, item_ids: list[str]
         raise
 
 
-def load_private(model: RecModel, path: Path, item_ids: list[str]) -> int:
-    """Load private parameters written by :func:`save_private` onto the model's catalog ``item_ids``:
-    the item memory's rows matched by item id, personal modules as they are (a file without them, written
-    before ``fed.personal`` named them, leaves the global ones); returns how many catalog items it knew.
-    Shapes other than the item count must match; a file that cannot be read is an error naming it
-    (nothing is loaded)."""
-    params = dict(model.named_parameters())
+def _read(path: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """A private file's item ids and tensors; an unreadable file is an error naming it."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             stored_ids = json.loads((fh.metadata() or {})["item_ids"])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (OSError, SafetensorError, KeyError, ValueError) as exc:
         raise ValueError(f"private state {path} is unreadable ({exc}); move it away to start from text alone") from None
-    wanted = private_state(model)
-    missing = sorted(n for n in wanted if n.startswith(PRIVATE_PREFIX) and n not in tensors)  # personal: may lack
+    return stored_ids, tensors
+
+
+def _personal(model: RecModel, tensors: Mapping[str, torch.Tensor], path: Path) -> list[str]:
+    """The personal-module parameters the file holds (a file written before ``fed.personal`` named them
+    holds none: the global ones stay), each checked to have the model's exact shape."""
+    params = dict(model.named_parameters())
+    names = [n for n in private_state(model) if not n.startswith(PRIVATE_PREFIX) and n in tensors]
+    for name in names:
+        if tensors[name].shape != params[name].shape:
+            raise ValueError(
+                f"private state {path}: '{name}' has shape {tuple(tensors[name].shape)}, the model needs "
+                f"{tuple(params[name].shape)}: written by a different model"
+            )
+    return names
+
+
+def _copy(model: RecModel, tensors: Mapping[str, torch.Tensor], names: list[str]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            params[name].copy_(tensors[name].to(params[name].dtype))
+
+
+def load_personal(model: RecModel, path: Path) -> None:
+    """Load only the personal modules of a private file (a model without its catalog's memory attached)."""
+    _, tensors = _read(path)
+    _copy(model, tensors, _personal(model, tensors, path))
+
+
+def load_private(model: RecModel, path: Path, item_ids: list[str]) -> int:
+    """Load private parameters written by :func:`save_private` onto the model's catalog ``item_ids``:
+    the item memory's rows matched by item id, personal modules as they are (:func:`load_personal`);
+    returns how many catalog items it knew. Shapes other than the item count must match; a file that
+    cannot be read is an error naming it (nothing is loaded)."""
+    params = dict(model.named_parameters())
+    stored_ids, tensors = _read(path)
+    memory = [n for n in private_state(model) if n.startswith(PRIVATE_PREFIX)]
+    missing = sorted(n for n in memory if n not in tensors)
     if missing:
         raise ValueError(f"private state {path} lacks {missing}: written by a different model")
-    rows = {item: i for i, item in enumerate(stored_ids)}
-    known = [(i, rows[item]) for i, item in enumerate(item_ids) if item in rows]
-    target = torch.tensor([i for i, _ in known], dtype=torch.long)
-    source = torch.tensor([j for _, j in known], dtype=torch.long)
-    memory = [n for n in wanted if n.startswith(PRIVATE_PREFIX)]
-    personal = [n for n in wanted if n not in memory and n in tensors]
     for name in memory:  # every check before anything is loaded
         param, stored = params[name], tensors[name]
         if stored.shape[0] != len(stored_ids) or stored.shape[1:] != param.shape[1:]:
@@ -159,15 +185,13 @@ def load_private(model: RecModel, path: Path, item_ids: list[str]) -> int:
                 f"private state {path}: '{name}' has shape {tuple(stored.shape)}, the model needs "
                 f"(items, {', '.join(map(str, param.shape[1:]))})"
             )
-    for name in personal:
-        if tensors[name].shape != params[name].shape:
-            raise ValueError(
-                f"private state {path}: '{name}' has shape {tuple(tensors[name].shape)}, the model needs "
-                f"{tuple(params[name].shape)}: written by a different model"
-            )
+    personal = _personal(model, tensors, path)
+    rows = {item: i for i, item in enumerate(stored_ids)}
+    known = [(i, rows[item]) for i, item in enumerate(item_ids) if item in rows]
+    target = torch.tensor([i for i, _ in known], dtype=torch.long)
+    source = torch.tensor([j for _, j in known], dtype=torch.long)
+    _copy(model, tensors, personal)
     with torch.no_grad():
-        for name in personal:
-            params[name].copy_(tensors[name].to(params[name].dtype))
         for name in memory:
             params[name].zero_()
             params[name][target] = tensors[name][source].to(params[name].dtype)

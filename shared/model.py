@@ -413,6 +413,22 @@ class RecModel(nn.Module):
         if self.cfg.model.item_memory:
             self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size))
 
+    def personal_copy(self) -> RecModel:
+        """This model with its own copies of the ``fed.personal`` modules, every other module shared with it
+        (the encoder is not copied): one scenario's model in a service that serves several."""
+        view = copy.copy(self)
+        view._modules = dict(self._modules)  # attach_catalog on the copy sets its own item memory
+        for name in self.cfg.fed.personal_modules:
+            if self._modules.get(name) is not None:
+                view._modules[name] = copy.deepcopy(self._modules[name])
+        return view
+
+    def text_item_vectors(self, text: torch.Tensor) -> torch.Tensor:
+        """Item vectors (n, H) of texts outside the catalog from their pooled encodings (n, H): unit(adaptor(
+        unit(text))), no private residual (as :meth:`item_vectors` for an item without one)."""
+        text = F.normalize(text, dim=-1)
+        return text if self.adaptor is None else F.normalize(self.adaptor(text), dim=-1)
+
     @property
     def num_items(self) -> int:
         if self._prefix is None:

@@ -55,7 +55,7 @@ def tradeoff(rec: Recommender, scenario: str) -> list[dict[str, float]]:
         history = np.append(split.train[u], split.valid_target[i])
         ids = [sc.item_ids[j] for j in history]
         vec, _ = rec._user(Request(scenario=scenario, history=ids), catalog)
-        probs = torch.sigmoid(rec.model.head.fast_scores(vec, catalog.table, catalog.features)[0])
+        probs = torch.sigmoid(catalog.model.head.fast_scores(vec, catalog.table, catalog.features)[0])
         users.append((probs, int(split.test_target[i]), sc.labels["satisfaction"][u][-1] == 1))
     rows = []
     for w in SAT_WEIGHTS:

@@ -25,7 +25,15 @@ from shared.checkpoint import save_checkpoint
 from shared.config import Config
 from shared.data import load_scenario
 from shared.model import PRIVATE_PREFIX, RecModel
-from shared.records import ARRAYS, CONFIG, from_arrayrecord, to_arrayrecord, trainable_state, validate_arrays
+from shared.records import (
+    ARRAYS,
+    CONFIG,
+    from_arrayrecord,
+    load_trainable,
+    to_arrayrecord,
+    trainable_state,
+    validate_arrays,
+)
 
 
 def train_message(weights: dict[str, np.ndarray], server_round: int) -> Message:
@@ -291,6 +299,48 @@ def test_serving_uses_the_private_memory_of_the_checkpoints_run(tiny_cfg, demo_d
     save_private(model, state / PRIVATE_FILE, "video", data.scenario.item_ids)
     again = Recommender(text_alone, [demo_dir / "video"], state_dirs=[state])
     torch.testing.assert_close(again.catalogs["video"].bias, bias, rtol=0, atol=0)
+
+
+def test_serving_uses_each_scenarios_personal_modules(tiny_cfg, demo_dir, tmp_path):
+    """One service, two scenarios, each with its own personal sequence encoder, head and adaptor (as its
+    client trained them) on one checkpoint: each scenario is served by its own, from a fresh table and
+    from a cached one alike, and the checkpoint's global modules stay as they are."""
+    assert set(tiny_cfg.fed.personal_modules) == {"user", "head", "adaptor"}
+    video, video_data = served_video_model(tiny_cfg, demo_dir)
+    weights = trainable_state(video)
+    checkpoint = save_checkpoint(tmp_path / "run", 1, weights, tiny_cfg, {})
+    shop_data = prepare(load_scenario(demo_dir / "shop"), tiny_cfg)
+    shop = build_model(tiny_cfg, shop_data)
+    load_trainable(shop, weights)
+    models = {"video": (video, video_data), "shop": (shop, shop_data)}
+    for seed, (name, (model, data)) in enumerate(models.items()):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # each client's own copies, away from the global ones and from each other
+            for n, p in model.named_parameters():
+                if n.split(".")[0] in ("user", "head", "adaptor"):
+                    p.add_(0.3 * torch.randn(p.shape, generator=generator))
+        save_private(model, tmp_path / "run" / "clients" / name / PRIVATE_FILE, name, data.scenario.item_ids)
+
+    cache = tmp_path / "cache"
+    first = Recommender(checkpoint, [demo_dir / "video", demo_dir / "shop"], cache)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    for served in (first, Recommender(checkpoint, [demo_dir / "shop", demo_dir / "video"], cache)):  # then cached
+        for name, (model, data) in models.items():
+            model.eval()
+            catalog = served.catalogs[name]
+            table, bias = model.item_table()
+            torch.testing.assert_close(catalog.table, table, rtol=0, atol=1e-6)
+            user_id = data.scenario.users[4]
+            request = Request(scenario=name, user_id=user_id, k=10)
+            got = [data.scenario.item_ids.index(r["item_id"]) for r in served.recommend(request)]
+            rows = torch.from_numpy(catalog.histories[user_id][-tiny_cfg.model.history :])
+            with torch.no_grad():
+                user = model.user_from_vectors(table[rows])
+                torch.testing.assert_close(served._user(request, catalog)[0], user, rtol=0, atol=1e-6)
+                expected = torch.argsort(model.scores(user, table, bias)[0], descending=True)[:10].tolist()
+            assert got == expected, name
+        global_state = trainable_state(served.model)
+        assert all(np.array_equal(global_state[k], weights[k]) for k in weights)
 
 
 def test_serving_a_round_uses_the_memory_that_round_was_evaluated_with(tmp_path):

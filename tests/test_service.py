@@ -179,8 +179,8 @@ def test_objective_weights_reproduce_single_objective_rankings(service, demo_dir
     rec = Recommender(service["first"], [demo_dir / "video"], service["root"] / "cache")
     catalog = rec.catalogs["video"]
     user, _ = rec._user(Request(scenario="video", user_id="video-user-0004"), catalog)
-    probs = torch.sigmoid(rec.model.head.fast_scores(user, catalog.table, catalog.features)[0])
-    reference = torch.sigmoid(rec.model(user, catalog.table)[0])  # the training-path head
+    probs = torch.sigmoid(catalog.model.head.fast_scores(user, catalog.table, catalog.features)[0])
+    reference = torch.sigmoid(catalog.model(user, catalog.table)[0])  # the training-path head
     torch.testing.assert_close(probs, reference, atol=1e-5, rtol=1e-5)
     for k, weights in enumerate(({"engagement": 1.0, "satisfaction": 0.0}, {"engagement": 0.0, "satisfaction": 1.0})):
         got = rec.recommend(Request(scenario="video", user_id="video-user-0004", k=20, weights=weights))
