@@ -67,10 +67,11 @@ def evaluate_checkpoint(
         log.info("evaluating %s on %s (%d items)", folder, name, data.scenario.num_items)
         model = build_model(cfg, data)
         load_trainable(model, weights)
-        private = private_file(folder, name, [Path(d) for d in state_dirs], cfg.run.dir) if model.memory else None
+        has_private = model.memory is not None or bool(cfg.fed.personal_modules)
+        private = private_file(folder, name, [Path(d) for d in state_dirs], cfg.run.dir) if has_private else None
         if private is not None:
             known = load_private(model, private, data.scenario.item_ids)
-            log.info("%s: private item memory %s (%d of %d items known)", name, private, known, data.scenario.num_items)
+            log.info("%s: private state %s (%d of %d items known)", name, private, known, data.scenario.num_items)
         memory[name] = None if private is None else str(private)
         metrics = split_metrics(evaluate(model, data, cfg))
         rows.append({"round": server_round or 0, "scenario": name, "reference": "checkpoint", **metrics})
