@@ -98,8 +98,8 @@ def private_path(cfg: Config, context: Context, data: LocalData) -> Path | None:
 
 
 def client_model(cfg: Config, context: Context, data: LocalData, msg: Message, upto: int) -> RecModel:
-    """The model with the global shared weights of ``msg`` and this client's private memory after round
-    ``upto`` of this run (if kept)."""
+    """The model with the global shared weights of ``msg`` and this client's private state (item memory,
+    its own copies of the ``fed.personal`` modules) after round ``upto`` of this run (if kept)."""
     model = build_model(cfg, data)
     load_trainable(model, from_arrayrecord(msg.content.array_records[ARRAYS]))
     path = private_path(cfg, context, data)
@@ -128,8 +128,8 @@ def behind_the_record(cfg: Config, ledger: Ledger, path: Path, record: dict[str,
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global weights and this client's private memory, train locally (DP-SGD when
-    privacy.epsilon > 0), keep the private memory on disk and reply with the shared weights only; a
+    """Load the global weights and this client's private state, train locally (DP-SGD when
+    privacy.epsilon > 0), keep the private state on disk and reply with the shared weights only; a
     client whose privacy budget would be exceeded refuses and says why."""
     cfg, data = setup(context)
     server_round = cast(int, msg.content.config_records[CONFIG]["server-round"])
@@ -160,7 +160,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Full-ranking metrics of the global weights (with this client's private memory) on this scenario's
+    """Full-ranking metrics of the global weights (with this client's private state) on this scenario's
     validation and test splits. Each test user's values stay on the client: in its state folder
     (``eval/round-NNNN.npz``), where a benchmark run on one machine reads them for paired intervals."""
     cfg, data = setup(context)

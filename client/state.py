@@ -1,13 +1,15 @@
-"""A client's own state on disk: its privacy ledger and its scenario-private parameters (item memory).
+"""A client's own state on disk: its privacy ledger and its scenario-private parameters (item memory,
+its own copies of the ``fed.personal`` modules).
 
 Both live in one folder per scenario: ``<state-dir>`` for a client daemon (node config ``state-dir``),
 ``<run.dir>/clients/<scenario>/`` in a simulation. A resumed simulation (``run.resume`` =
 ``<old run>/checkpoints/round-N``) reads what it lacks from ``<old run>/clients/<scenario>/``.
 
-The private memory is written after every trained round: ``private.safetensors`` (the latest, what the
+The private state is written after every trained round: ``private.safetensors`` (the latest, what the
 service reads) and a copy per run and round, ``private/<run key>/round-NNNN.safetensors``, from which a
-client loads it (:func:`private_source`): each run starts from text alone and a resumed run continues
-from its resumed run's copy at the checkpoint's round, so it reproduces the uninterrupted run.
+client loads it (:func:`private_source`): each run starts from text alone and the global modules, and a
+resumed run continues from its resumed run's copy at the checkpoint's round, so it reproduces the
+uninterrupted run.
 
 The private file holds every ``memory.*`` parameter with the catalog's item ids, so it loads onto a
 changed catalog by id: items it does not know (new items) start from their text alone.
