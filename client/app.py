@@ -126,6 +126,13 @@ def behind_the_record(cfg: Config, ledger: Ledger, path: Path, record: dict[str,
     return why
 
 
+def keep_private(model: RecModel, path: Path | None, cfg: Config, data: LocalData, server_round: int) -> None:
+    """After training: the private state as the latest file and as this run's copy of ``server_round``."""
+    if path is not None:
+        for target in (path, round_copy(path, cfg.run.dir, server_round)):
+            save_private(model, target, data.scenario.name, data.scenario.item_ids)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the global weights and this client's private state, train locally (DP-SGD when
@@ -137,15 +144,13 @@ def train(msg: Message, context: Context) -> Message:
     if not cfg.privacy.enabled:
         model = client_model(cfg, context, data, msg, server_round - 1)
         stats = train_round(model, data, cfg, server_round)
-        if path is not None:
-            save_private(model, path, data.scenario.name, data.scenario.item_ids)
-            save_private(model, round_copy(path, cfg.run.dir, server_round), data.scenario.name, data.scenario.item_ids)
+        keep_private(model, path, cfg, data, server_round)
         return _reply(msg, data, stats, with_weights=model)
-    path = ledger_path(cfg, context.node_config, data.scenario.name)
-    ledger = open_ledger(cfg, path, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
+    ledger_file = ledger_path(cfg, context.node_config, data.scenario.name)
+    ledger = open_ledger(cfg, ledger_file, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
     spent = {"privacy.epsilon": ledger.epsilon(), "privacy.delta": ledger.delta}
     on_record = json.loads(str(msg.content.config_records[CONFIG].get(PRIVACY_SPENT, "{}")))
-    refusal = behind_the_record(cfg, ledger, path, on_record.get(data.scenario.name)) or ledger.refusal(
+    refusal = behind_the_record(cfg, ledger, ledger_file, on_record.get(data.scenario.name)) or ledger.refusal(
         cfg.train.local_steps
     )
     if refusal is not None:
@@ -153,7 +158,8 @@ def train(msg: Message, context: Context) -> Message:
     model = client_model(cfg, context, data, msg, server_round - 1)
     stats = train_round(model, data, cfg, server_round, DPSGD(ledger, len(data.trainable_users)))
     ledger.record(cfg.train.local_steps, server_round)
-    ledger.save(path)  # before the weights leave: a crash after this over-counts, never under-counts
+    ledger.save(ledger_file)  # before the weights leave: a crash after this over-counts, never under-counts
+    keep_private(model, path, cfg, data, server_round)  # personal modules trained under DP: their own copy
     spent = {"privacy.epsilon": ledger.epsilon(), "privacy.delta": ledger.delta}
     return _reply(msg, data, {**stats, **spent}, with_weights=model)
 

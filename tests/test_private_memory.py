@@ -89,13 +89,18 @@ def test_memory_never_leaves_the_client_and_the_next_round_starts_from_it(tiny_c
     assert any(not np.array_equal(sent[k], replies[1][k]) for k in sent)
 
 
+@pytest.mark.parametrize("epsilon", [0.0, 8.0], ids=["plain", "dp"])
 def test_personal_modules_are_sent_but_each_round_starts_from_the_clients_own_copy(
-    tiny_cfg, demo_dir, tmp_path, monkeypatch
+    tiny_cfg, demo_dir, tmp_path, monkeypatch, epsilon
 ):
     """fed.personal = "user": the sequence encoder still travels (the global model for newcomers), but
     round 2 starts from what this client trained in round 1, not from the global weights it is sent;
-    the modules not named (head, LoRA) start from the global weights as before."""
-    cfg = dataclasses.replace(tiny_cfg, fed=dataclasses.replace(tiny_cfg.fed, personal="user"))
+    the modules not named (head, LoRA) start from the global weights as before. Under DP too."""
+    cfg = dataclasses.replace(
+        tiny_cfg,
+        fed=dataclasses.replace(tiny_cfg.fed, personal="user"),
+        privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=epsilon),
+    )
     _, weights, _ = initial_weights(cfg)
     started: list[dict[str, np.ndarray]] = []  # every shared weight each round starts training from
     real_train_round = client.app.train_round
