@@ -41,6 +41,19 @@ def train_message(weights: dict[str, np.ndarray], server_round: int) -> Message:
     return Message(content, dst_node_id=1, message_type="train")
 
 
+def starts_of_training(monkeypatch, capture):
+    """What ``capture(model)`` returns at the start of every ``train_round`` the client app calls, in order."""
+    started = []
+    real_train_round = client.app.train_round
+
+    def spy(model, *args, **kwargs):
+        started.append(capture(model))
+        return real_train_round(model, *args, **kwargs)
+
+    monkeypatch.setattr(client.app, "train_round", spy)
+    return started
+
+
 def memory_only(cfg: Config) -> Config:
     """The config with the item memory as the client's only private state (no personal modules)."""
     return dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, personal=""))
@@ -53,14 +66,7 @@ def test_memory_never_leaves_the_client_and_the_next_round_starts_from_it(tiny_c
     expected = set(trainable_state(RecModel(tiny_cfg)))
     assert set(weights) == expected and not any(k.startswith(PRIVATE_PREFIX) for k in expected)
 
-    started: list[dict[str, torch.Tensor]] = []  # the private memory each round starts training from
-    real_train_round = client.app.train_round
-
-    def spy(model, *args, **kwargs):
-        started.append(private_state(model))
-        return real_train_round(model, *args, **kwargs)
-
-    monkeypatch.setattr(client.app, "train_round", spy)
+    started = starts_of_training(monkeypatch, private_state)  # the private memory each round starts from
     private = tmp_path / "run" / "clients" / "shop" / PRIVATE_FILE
     replies = []
     saved = []
@@ -102,14 +108,7 @@ def test_personal_modules_are_sent_but_each_round_starts_from_the_clients_own_co
         privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=epsilon),
     )
     _, weights, _ = initial_weights(cfg)
-    started: list[dict[str, np.ndarray]] = []  # every shared weight each round starts training from
-    real_train_round = client.app.train_round
-
-    def spy(model, *args, **kwargs):
-        started.append(trainable_state(model))
-        return real_train_round(model, *args, **kwargs)
-
-    monkeypatch.setattr(client.app, "train_round", spy)
+    started = starts_of_training(monkeypatch, trainable_state)  # every shared weight each round starts from
     sent = []
     for server_round in (1, 2):  # the server sends the same global weights twice
         out = train(train_message(weights, server_round), context(cfg, demo_dir, 0, tmp_path / "run"))
