@@ -117,6 +117,7 @@ class Batch:
     fresh: torch.Tensor  # (B, C) distinct items per user encoded fresh through LoRA: its targets first
     catalog: torch.Tensor | None = None  # (B,) each user's catalog (LocalData.catalogs) when pooled
     catalogs: tuple[tuple[int, int], ...] = ()
+    negatives: tuple[torch.Tensor | None, ...] = ()  # per catalog: sampled negatives (K,), None = the whole catalog
 
 
 def make_batch(
@@ -159,7 +160,32 @@ def make_batch(
         fresh[row] = chosen
     catalog = None if data.user_catalog is None else torch.from_numpy(data.user_catalog[users])
     seq = history_tensor(windows, length)
-    return Batch(seq, torch.from_numpy(labels), torch.from_numpy(fresh), catalog, data.catalogs)
+    negatives: tuple[torch.Tensor | None, ...] = ()
+    if cfg.train.negatives and not per_user:  # uniform, without replacement, from each catalog larger than K
+        k = cfg.train.negatives
+        negatives = tuple(
+            torch.from_numpy(lo + rng.choice(hi - lo, size=k, replace=False)) if hi - lo > k else None
+            for lo, hi in (data.catalogs or ((0, num_items),))
+        )
+    return Batch(seq, torch.from_numpy(labels), torch.from_numpy(fresh), catalog, data.catalogs, negatives)
+
+
+def sampled_rank_logits(
+    model: RecModel,
+    users: torch.Tensor,
+    targets: torch.Tensor,
+    table: torch.Tensor,
+    bias: torch.Tensor,
+    negatives: torch.Tensor,
+) -> torch.Tensor:
+    """Ranking logits (P, 1 + K) of users (P, H) against their own target (column 0) and the shared uniform
+    negatives (K,) (a negative equal to the position's target masked out). Every negative has the same
+    sampling probability, so the sampled softmax needs no correction: its cross-entropy with label 0 is the
+    full-catalog loss's unbiased-proposal estimate (exactly the full loss when the negatives are all items)."""
+    own = model.head.similarity((users * table[targets]).sum(-1, keepdim=True))[..., 0] + bias[targets]
+    others = model.scores(users, table[negatives], bias[negatives])
+    others = others.masked_fill(negatives[None] == targets[:, None], float("-inf"))
+    return torch.cat([own[:, None], others], dim=1)
 
 
 def loss_fn(
@@ -168,7 +194,8 @@ def loss_fn(
     """Mean over users of each user's loss, a mean over the positions of its sequence of:
 
     - the full-catalog softmax cross-entropy of the next item over the item table (``text`` (N, H), the
-      text vectors from the last refresh, no gradient, plus the private memory with its gradient);
+      text vectors from the last refresh, no gradient, plus the private memory with its gradient) or, with
+      ``batch.negatives`` (``train.negatives``), its sampled estimate (:func:`sampled_rank_logits`);
     - the softmax cross-entropy of the next item among the fresh items (``batch.fresh``, encoded anew
       through LoRA), at the positions whose next item is one of them: the adapters' gradient. Every
       candidate of this softmax is fresh: a stale table among the candidates would let the adapters raise
@@ -191,9 +218,15 @@ def loss_fn(
         full = users.new_zeros(valid.shape)
         for c, (lo, hi) in enumerate(catalogs):
             at = valid & (catalog == c)[:, None]
-            if bool(at.any()):
-                logits = model.scores(users[at], table[lo:hi], bias[lo:hi])
-                full = full.masked_scatter(at, F.cross_entropy(logits, targets[at] - lo, reduction="none"))
+            if not bool(at.any()):
+                continue
+            sampled = batch.negatives[c] if batch.negatives else None
+            if sampled is None:
+                logits, label = model.scores(users[at], table[lo:hi], bias[lo:hi]), targets[at] - lo
+            else:
+                logits = sampled_rank_logits(model, users[at], targets[at], table, bias, sampled)
+                label = torch.zeros(len(logits), dtype=torch.long)
+            full = full.masked_scatter(at, F.cross_entropy(logits, label, reduction="none"))
     else:  # DP: per-sample gradients need the user dimension first in every layer
         logits = model.scores(users, table, bias).transpose(1, 2)  # (B, N, T)
         first = torch.tensor([r[0] for r in catalogs])[catalog]  # (B,) each user's catalog: [first, end)

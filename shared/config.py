@@ -98,6 +98,7 @@ class TrainConfig:
     fresh_items: int = 1  # per user: items of its sequence encoded fresh through LoRA (the adapters' gradient)
     fresh_every: int = 1  # fresh items on every N-th step only (the others train on the item table: ~6x cheaper)
     table_refresh: int = 0  # steps between refreshes of the item table; 0 = once per round
+    negatives: int = 0  # catalog items sampled uniformly per step as the ranking softmax's negatives; 0 = all
     lr: float = 0.001
     lora_lr: float = 0.0001  # learning rate of the LoRA adapters (10x below lr: measured, BENCHMARKS.md)
     memory_lr: float = 0.0001  # learning rate of the private item memory (measured: BENCHMARKS.md)
@@ -110,7 +111,7 @@ class TrainConfig:
         for key in ("local_steps", "batch_size", "fresh_every"):
             if getattr(self, key) < 1:
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
-        for key in ("fresh_items", "table_refresh", "threads"):
+        for key in ("fresh_items", "table_refresh", "negatives", "threads"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be >= 0")
         for key in ("lr", "lora_lr", "memory_lr"):

@@ -11,7 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.training import Batch, build_model, history_tensor, loss_fn, make_batch, prepare, train_round
+from client.training import (
+    Batch,
+    build_model,
+    history_tensor,
+    loss_fn,
+    make_batch,
+    prepare,
+    sampled_rank_logits,
+    train_round,
+)
 from shared.config import Config
 from shared.data import load_scenario
 from shared.model import RecModel, mean_pairwise_cosine
@@ -160,6 +169,52 @@ def test_all_positions_loss_equals_the_per_position_losses_one_at_a_time(tiny_cf
     # the DP path (every position scored, padding masked out) gives the same loss as the packed one
     assert float(loss_fn(model, batch, text, weight, shared=False)[0]) == pytest.approx(float(total), abs=1e-5)
     assert parts["positions"] == sum((batch.seq[r] >= 0).sum().item() - 1 for r in range(len(users)))
+
+
+@torch.no_grad()
+def test_sampled_softmax_with_every_item_as_negative_is_the_full_softmax(video):
+    """The sampled loss's logits against the target plus every catalog item (the target among them masked)
+    give the full-catalog cross-entropy exactly; with fewer negatives the loss is smaller (fewer terms)."""
+    _, model = video
+    table, bias = model.item_table()
+    generator = torch.Generator().manual_seed(3)
+    users = unit_vectors(generator, 9, table.shape[1])
+    targets = torch.randint(model.num_items, (9,), generator=generator)
+    full = F.cross_entropy(model.scores(users, table, bias), targets, reduction="none")
+    every = sampled_rank_logits(model, users, targets, table, bias, torch.arange(model.num_items))
+    assert every.shape == (9, 1 + model.num_items)
+    zero = torch.zeros(9, dtype=torch.long)
+    torch.testing.assert_close(F.cross_entropy(every, zero, reduction="none"), full, rtol=0, atol=1e-5)
+    few = sampled_rank_logits(model, users, targets, table, bias, torch.arange(5))
+    assert (F.cross_entropy(few, zero, reduction="none") < full).all()
+
+
+def test_negatives_are_sampled_per_step_and_a_catalog_no_larger_trains_exactly_as_before(tiny_cfg, demo_dir):
+    """``train.negatives`` = K: K distinct catalog items per step, different across steps; a catalog of at
+    most K items keeps the full softmax and the same random stream, so its round is bit-identical."""
+    data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
+    n = data.scenario.num_items
+    rng = np.random.default_rng(0)
+    users = data.trainable_users[:8]
+    sampled = with_train(tiny_cfg, negatives=7)
+    first = make_batch(data, sampled, users, n, rng).negatives[0]
+    second = make_batch(data, sampled, users, n, rng).negatives[0]
+    assert first is not None and second is not None
+    assert len(set(first.tolist())) == 7 and 0 <= int(first.min()) and int(first.max()) < n
+    assert not torch.equal(first, second)
+    assert make_batch(data, with_train(tiny_cfg, negatives=n), users, n, rng).negatives == (None,)
+    assert make_batch(data, sampled, users, n, rng, per_user=True).negatives == ()  # DP: the full softmax
+
+    def trained(cfg: Config) -> dict[str, torch.Tensor]:
+        model = build_model(cfg, data)
+        train_round(model, data, with_train(cfg, local_steps=3), server_round=1)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    base = trained(tiny_cfg)
+    same = trained(with_train(tiny_cfg, negatives=n))
+    assert all(torch.equal(base[k], same[k]) for k in base)
+    moved = trained(sampled)
+    assert any(not torch.equal(base[k], moved[k]) for k in base)  # sampling changes training, and it trains
 
 
 def test_train_round_reports_item_cosine_and_the_item_space_does_not_collapse(tiny_cfg, demo_dir):
