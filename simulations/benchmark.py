@@ -33,7 +33,7 @@ from shared.loaders import PUBLIC_FORMATS, load_public
 from shared.metrics import select_rounds
 
 from .references import Row, centralized_rows, local_rows, popularity_rows, zero_shot_rows
-from .report import paired_intervals, paired_table, summary, verdict, write_outputs
+from .report import by_target_popularity, paired_intervals, paired_table, summary, verdict, write_outputs
 from .sasrec import SASRecSettings, sasrec_rows
 from .simulate import (
     APP_DIR,
@@ -379,7 +379,8 @@ def finish(
     folders = {r: run_dir / r for r in references} | (folders or {})
     paired = paired_intervals(selected, folders)
     notes = [*notes, *goal_notes(summary(selected) | {"paired": paired})]
-    extra = {"cpu_seconds": cpu, "notes": notes, "paired": paired}
+    popularity = by_target_popularity(selected, folders, run_dir / "data")
+    extra = {"cpu_seconds": cpu, "notes": notes, "paired": paired, "popularity": popularity}
     result = write_outputs(run_dir, rows, selected, timings, notes, extra)
     latest = runs_dir.resolve() / "benchmark-latest"
     tmp_link = latest.with_name(".benchmark-latest-tmp")

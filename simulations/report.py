@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from client.evaluation import load_per_user, per_user_file  # noqa: E402
+from shared.data import leave_one_out, load_scenario  # noqa: E402
 from shared.metrics import IMPRESSION_METRICS, METRIC_NAMES, paired_bootstrap  # noqa: E402
 
 Row = dict[str, Any]
@@ -52,6 +55,61 @@ def paired_intervals(
                 theirs = load_per_user(path)[f"test.{metric}"]
                 out.setdefault(name, {})[f"{base} - {reference}"] = {"metric": metric, **paired_bootstrap(mine, theirs)}
     return out
+
+
+POPULARITY_EDGES = (0, 3, 10, 30, 100)  # buckets of a test target's count in the training log: [0, 3), ... [100, inf)
+
+
+def by_target_popularity(
+    selected: dict[str, dict[str, Row]], folders: dict[str, Path], data_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """Per leave-one-out scenario (its canonical folder in ``data_dir``; impression scenarios have no single
+    target and are left out): the test users bucketed by how often their target item occurs in the training
+    log (:data:`POPULARITY_EDGES`), and each reference's mean test NDCG@10 per bucket at its selected round
+    (None for an empty bucket): whether a model wins on the head of the catalog or on its tail."""
+    out: dict[str, dict[str, Any]] = {}
+    names = sorted({name for rows in selected.values() for name in rows})
+    for name in names:
+        if not (data_dir / name / "scenario.json").is_file():
+            continue
+        scenario = load_scenario(data_dir / name)
+        if scenario.impressions is not None:
+            continue
+        split = leave_one_out(scenario)
+        counts = np.bincount(np.concatenate(split.train), minlength=scenario.num_items)[split.test_target]
+        bucket = np.searchsorted(POPULARITY_EDGES, counts, side="right") - 1
+        members = [bucket == b for b in range(len(POPULARITY_EDGES))]
+        ndcg: dict[str, list[float | None]] = {}
+        for reference, rows in selected.items():
+            row = rows.get(name)
+            path = (
+                None
+                if row is None
+                else per_user_file(folders.get(reference, Path("/nonexistent")), name, int(row["round"]))
+            )
+            if path is None or not path.is_file():
+                continue
+            values = load_per_user(path)["test.ndcg@10"]
+            ndcg[reference] = [float(values[m].mean()) if m.any() else None for m in members]
+        out[name] = {"edges": list(POPULARITY_EDGES), "users": [int(m.sum()) for m in members], "ndcg@10": ndcg}
+    return out
+
+
+def popularity_table(popularity: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown: test NDCG@10 per bucket of the target's training count, one table row per reference."""
+    lines: list[str] = []
+    for name, entry in popularity.items():
+        edges = entry["edges"]
+        heads = [f"[{lo}, {hi})" for lo, hi in itertools.pairwise(edges)] + [f">= {edges[-1]}"]
+        lines += [
+            f"| {name}: target seen in training | " + " | ".join(heads) + " |",
+            "|---|" + "---:|" * len(heads),
+            "| test users | " + " | ".join(str(n) for n in entry["users"]) + " |",
+        ]
+        for reference, values in entry["ndcg@10"].items():
+            lines.append(f"| {reference} | " + " | ".join("" if v is None else f"{v:.4f}" for v in values) + " |")
+        lines.append("")
+    return lines
 
 
 def verdict(p: dict[str, Any]) -> str:
@@ -141,6 +199,12 @@ def markdown(result: dict[str, Any], timings: dict[str, float], notes: list[str]
     ]
     if result.get("paired"):
         lines += ["## Paired differences (test, same users)", "", *paired_table(result["paired"]), ""]
+    if result.get("popularity"):
+        lines += [
+            "## Test NDCG@10 by how often the target occurs in training",
+            "",
+            *popularity_table(result["popularity"]),
+        ]
     lines += [
         "",
         "Round 0 = not trained. Plots of validation metrics per round: `plots/*.png`.",

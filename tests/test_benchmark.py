@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.evaluation import load_per_user, per_user_file
 from server.launch import toml_value
 from shared.demo import TOPICS
 
@@ -116,6 +117,22 @@ def test_benchmark_end_to_end_on_fixture_files(tiny_cfg, tmp_path, capsys):
     assert "| scenario | reference | round | hr@10 | ndcg@10 | mrr | ild@10 | coverage@10 |" in report
     assert "| scenario | reference | round | auc | mrr | ndcg@5 | ndcg@10 | ild@10 | coverage@10 |" in report
     assert "| news | federated |" in report
+    # test NDCG@10 by the target's training count: the buckets' users-weighted means give back each
+    # reference's test NDCG@10; impression scenarios (news) have no single target
+    assert set(summary["popularity"]) == {"movies", "ecommerce"}
+    for name, entry in summary["popularity"].items():
+        users = np.asarray(entry["users"])
+        local = per_user_file(latest / "local", name, summary["selected_round"][name]["local"])
+        assert users.sum() == len(load_per_user(local)["test.ndcg@10"]) > 0  # every test user, once
+        assert set(entry["ndcg@10"]) == refs | {"sasrec"}
+        for reference, values in entry["ndcg@10"].items():
+            filled = np.asarray([v if v is not None else 0.0 for v in values])
+            overall = float((filled * users).sum() / users.sum())
+            assert overall == pytest.approx(summary["scenarios"][name][reference]["ndcg@10"], abs=1e-6), (
+                name,
+                reference,
+            )
+    assert "| ecommerce: target seen in training | [0, 3) | [3, 10) |" in report
     for metric in ("ndcg_at_10", "auc", "hr_at_10"):
         png = latest / "plots" / f"{metric}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
