@@ -41,8 +41,6 @@ class ModelConfig:
     scale: float = 20.0  # initial scale a of the ranking logit a * cos(user, item) (learned; 1 / temperature)
     item_memory: bool = True  # scenario-private per-item residual + output bias, trained locally, never sent
     memory_dropout: float = 0.75  # share of items whose private residual is dropped at each training step
-    memory_dim: int = 0  # width of each item's private embedding (mapped to the item space by a private
-    # projection); 0 = the item space's own width, no projection
     text_adaptor: bool = True  # shared linear map of every text vector (identity at start), trained on the full catalog
     head_experts: int = 4  # MMoE experts shared by the non-ranking objectives
     head_hidden: int = 64  # width of the MMoE's projections and experts
@@ -56,8 +54,6 @@ class ModelConfig:
             _fail("model.seq-dim", self.seq_dim, f"must be a multiple of model.seq-heads ({self.seq_heads})")
         if not (math.isfinite(self.scale) and self.scale > 0):
             _fail("model.scale", self.scale, "must be a finite number > 0")
-        if self.memory_dim < 0:
-            _fail("model.memory-dim", self.memory_dim, "must be >= 0")
         for key in ("seq_dropout", "memory_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 _fail(f"model.{key.replace('_', '-')}", getattr(self, key), "must be in [0, 1)")

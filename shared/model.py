@@ -215,24 +215,14 @@ class SequenceEncoder(nn.Module):
 
 class ItemMemory(nn.Module):
     """Scenario-private per-item parameters: a residual added to each item's text vector and an output
-    bias. Both start at zero (text alone); they are trained locally and never leave the client. With
-    ``width`` (``model.memory-dim``) each item holds a ``width``-wide embedding and the residual is its
-    image under a private projection (orthonormal columns at start) into the item space."""
+    bias. Both start at zero (text alone); they are trained locally and never leave the client."""
 
-    def __init__(self, num_items: int, dim: int, width: int = 0) -> None:
+    def __init__(self, num_items: int, dim: int) -> None:
         super().__init__()
-        self.residual = nn.Embedding(num_items, width or dim)
+        self.residual = nn.Embedding(num_items, dim)
         self.bias = nn.Embedding(num_items, 1)
-        self.project = nn.Linear(width, dim, bias=False) if width else None
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.bias.weight)
-        if self.project is not None:
-            nn.init.orthogonal_(self.project.weight)
-
-    def vectors(self, index: torch.Tensor) -> torch.Tensor:
-        """The residuals (..., dim) of catalog items ``index`` (...)."""
-        own = self.residual(index)
-        return own if self.project is None else self.project(own)
 
 
 class MultiObjectiveHead(nn.Module):
@@ -421,7 +411,7 @@ class RecModel(nn.Module):
         self._prefix = states[0] if len(states) == 1 else torch.cat(states)
         self._mask = masks[0] if len(masks) == 1 else torch.cat(masks)
         if self.cfg.model.item_memory:
-            self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size), self.cfg.model.memory_dim)
+            self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size))
 
     def personal_copy(self) -> RecModel:
         """This model with its own copies of the ``fed.personal`` modules, every other module shared with it
@@ -494,7 +484,7 @@ class RecModel(nn.Module):
             return text
         vectors = text if self.adaptor is None else self.adaptor(text)
         if self.memory is not None:
-            residual = self.memory.vectors(index)
+            residual = self.memory.residual(index)
             drop = self.cfg.model.memory_dropout
             if self.training and drop:  # whole residuals of random items; kept ones not rescaled
                 residual = residual * (torch.rand(index.shape, device=residual.device) >= drop)[..., None]

@@ -74,28 +74,6 @@ def test_only_adapters_text_adaptor_user_model_and_head_are_trainable(tiny_cfg):
     assert set(trainable_state(model)) == set(names)
 
 
-def test_a_narrow_item_memory_is_private_and_starts_at_text_alone(tiny_cfg):
-    """``model.memory-dim``: each item's embedding is that wide, its projection into the item space is
-    private too (never among the sent weights), and the residual is zero at start."""
-    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, memory_dim=4))
-    model = RecModel(cfg)
-    shared = set(trainable_state(model))
-    model.attach_catalog(TEXTS)
-    assert model.memory is not None and model.memory.residual.weight.shape == (len(TEXTS), 4)
-    private = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("memory.")]
-    assert private == ["memory.residual.weight", "memory.bias.weight", "memory.project.weight"]
-    assert set(trainable_state(model)) == shared
-    index = torch.arange(len(TEXTS))
-    assert model.memory.vectors(index).shape == (len(TEXTS), model.bert.config.hidden_size)
-    assert not model.memory.vectors(index).any()
-    with torch.no_grad():
-        model.memory.residual.weight.normal_()
-    norms = model.memory.vectors(index).norm(dim=-1)  # orthonormal columns keep each embedding's length
-    torch.testing.assert_close(norms, model.memory.residual.weight.norm(dim=-1))
-    with pytest.raises(ValueError, match="model.memory-dim"):
-        dataclasses.replace(tiny_cfg.model, memory_dim=-1)
-
-
 def test_training_moves_trainables_and_leaves_frozen_weights_bit_identical(tiny_cfg, demo_dir):
     data = prepare(load_scenario(demo_dir / "video"), tiny_cfg)
     model = build_model(tiny_cfg, data)
