@@ -73,9 +73,9 @@ DEFAULT_RUN_CONFIG = {
     "fed.rounds": 3,
     "train.local-steps": 300,
     "train.fresh-every": 10,
-    # catalogs above 5,000 items (MovieLens: 9,724) rank each position against 5,000 uniform negatives:
-    # MovieLens's full softmax was the federation's long pole; Amazon (4,385) keeps the full softmax, where
-    # 2,048 negatives cost validation NDCG@10 (BENCHMARKS.md, ninth run)
+    # catalogs above 5,000 items (MovieLens 9,724, the MIND sample 6,334) rank each position against 5,000
+    # uniform negatives: MovieLens's full softmax was the federation's long pole; Amazon (4,385) keeps the
+    # full softmax, where 2,048 negatives cost validation NDCG@10 (BENCHMARKS.md, ninth run)
     "train.negatives": 5000,
 }
 # SASRec settings chosen on each scenario's validation split (defaults: Amazon); MovieLens has 610 users,
