@@ -180,8 +180,8 @@ def sampled_rank_logits(
 ) -> torch.Tensor:
     """Ranking logits (P, 1 + K) of users (P, H) against their own target (column 0) and the shared uniform
     negatives (K,) (a negative equal to the position's target masked out). Every negative has the same
-    sampling probability, so the sampled softmax needs no correction: its cross-entropy with label 0 is the
-    full-catalog loss's unbiased-proposal estimate (exactly the full loss when the negatives are all items)."""
+    sampling probability, so this sampled softmax needs no log-probability correction; its cross-entropy
+    with label 0 approximates the full-catalog loss (exactly it when the negatives are every item)."""
     own = model.head.similarity((users * table[targets]).sum(-1, keepdim=True))[..., 0] + bias[targets]
     others = model.scores(users, table[negatives], bias[negatives])
     others = others.masked_fill(negatives[None] == targets[:, None], float("-inf"))

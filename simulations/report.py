@@ -82,12 +82,10 @@ def by_target_popularity(
         ndcg: dict[str, list[float | None]] = {}
         for reference, rows in selected.items():
             row = rows.get(name)
-            path = (
-                None
-                if row is None
-                else per_user_file(folders.get(reference, Path("/nonexistent")), name, int(row["round"]))
-            )
-            if path is None or not path.is_file():
+            if row is None or reference not in folders:
+                continue
+            path = per_user_file(folders[reference], name, int(row["round"]))
+            if not path.is_file():
                 continue
             values = load_per_user(path)["test.ndcg@10"]
             ndcg[reference] = [float(values[m].mean()) if m.any() else None for m in members]
