@@ -31,7 +31,7 @@ def test_round_trip_through_flat_config():
         ("model.seq-dim", 63, "'model.seq-dim' = 63: must be a multiple of model.seq-heads (2)"),
         ("model.seq-dropout", 1.0, "'model.seq-dropout' = 1.0: must be in [0, 1)"),
         ("model.scale", 0.0, "'model.scale' = 0.0: must be a finite number > 0"),
-        ("train.negatives", 3, "unknown config key 'train.negatives'"),  # removed with the full-catalog softmax
+        ("train.negatives", -1, "'train.negatives' = -1: must be >= 0"),
         ("fed.rounds", 0, "'fed.rounds' = 0: must be >= 1"),
         ("fed.weighting", "median", "'fed.weighting' = 'median'"),
         ("model.objectives", "a,a", "'model.objectives'"),
