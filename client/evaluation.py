@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from shared.config import Config
+from shared.data import train_counts
 from shared.metrics import impression_values, ranking_values
 from shared.model import RecModel
 
@@ -191,7 +192,7 @@ def popularity_metrics(
 ) -> dict[str, float]:
     """Popularity reference: items ranked by their count in the training split (impression scenarios: the
     candidates by that count); ILD/coverage of the top 10 in the space of ``vectors`` when given."""
-    counts = np.bincount(np.concatenate(data.split.train), minlength=data.scenario.num_items).astype(np.float32)
+    counts = train_counts(data.split, data.scenario.num_items).astype(np.float32)
     out: dict[str, float] = {}
     for split in ("valid", "test"):
         values: PerUser = {}

@@ -118,6 +118,11 @@ class Split:
     test_impressions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
+def train_counts(split: Split, num_items: int) -> np.ndarray:
+    """(num_items,) how often each item occurs in the split's training sequences (int64)."""
+    return np.bincount(np.concatenate(split.train), minlength=num_items)
+
+
 def natural_key(identifier: str) -> tuple[int, int | str]:
     """Order of ids: integers numerically ("2" before "10"), then other strings."""
     return (0, int(identifier)) if identifier.isdigit() else (1, identifier)

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from client.evaluation import load_per_user, per_user_file  # noqa: E402
-from shared.data import leave_one_out, load_scenario  # noqa: E402
+from shared.data import leave_one_out, load_scenario, train_counts  # noqa: E402
 from shared.metrics import IMPRESSION_METRICS, METRIC_NAMES, paired_bootstrap  # noqa: E402
 
 Row = dict[str, Any]
@@ -76,7 +76,7 @@ def by_target_popularity(
         if scenario.impressions is not None:
             continue
         split = leave_one_out(scenario)
-        counts = np.bincount(np.concatenate(split.train), minlength=scenario.num_items)[split.test_target]
+        counts = train_counts(split, scenario.num_items)[split.test_target]
         bucket = np.searchsorted(POPULARITY_EDGES, counts, side="right") - 1
         members = [bucket == b for b in range(len(POPULARITY_EDGES))]
         ndcg: dict[str, list[float | None]] = {}

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from client.ranking import intra_list_diversity, mmr, utility  # noqa: E402
 from client.serving import Recommender, Request  # noqa: E402
-from shared.data import leave_one_out  # noqa: E402
+from shared.data import leave_one_out, train_counts  # noqa: E402
 
 SAT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.5)
@@ -93,7 +93,7 @@ def cross_scenario(rec: Recommender, target: str, source: str, seed: int = 0) ->
         by_cat.setdefault(str(c), []).append(i)
     rng = np.random.default_rng(seed)
     split = leave_one_out(tgt)
-    counts = np.bincount(np.concatenate(split.train), minlength=tgt.num_items)
+    counts = train_counts(split, tgt.num_items)
     cross, pop, hits = [], [], []
     for i, u in enumerate(split.eval_users):
         history = np.append(split.train[u], split.valid_target[i])[-rec.cfg.model.history :]
