@@ -134,15 +134,17 @@ def frozen_prefix(
         states = torch.zeros(len(texts), max_length, int(model.config.hidden_size))
         batches = by_length(lengths, batch_size)
         bar = tqdm(batches, total=-(-len(texts) // batch_size), desc="frozen encoder", unit="batch", disable=None)
+        layers = getattr(model, "encoder").layer[:frozen_layers]  # noqa: B009 - typed as Module
         with torch.no_grad():
             for rows in bar:  # a bar on a terminal only (disable=None): minutes for a large catalog
                 length = int(lengths[rows].max())
-                out = model(
-                    input_ids=tokens["input_ids"][rows, :length],
-                    attention_mask=mask[rows, :length],
-                    output_hidden_states=True,
+                hidden = model.embeddings(input_ids=tokens["input_ids"][rows, :length])
+                attention = create_bidirectional_mask(
+                    config=model.config, inputs_embeds=hidden, attention_mask=mask[rows, :length]
                 )
-                states[rows, :length] = out.hidden_states[frozen_layers]
+                for layer in layers:  # the frozen layers only: the LoRA layers above run at every use
+                    hidden = layer(hidden, attention)
+                states[rows, :length] = hidden
         return {"states": states, "mask": mask}
 
     found = disk_cached(cache_dir, f"prefix-{digest[:32]}", compute)
