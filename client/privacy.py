@@ -18,17 +18,18 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
 
 from shared.config import Config
 from shared.files import atomic_write_text
 
 from .state import resumed_file, state_folder
+
+# Opacus is imported where it is used: otherwise it adds a second to every client process's start, private or not
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 LEDGER = "privacy-ledger.json"
 
@@ -37,6 +38,8 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon at ``delta`` after DP-SGD steps ``[(noise multiplier, sample rate, steps), ...]`` (RDP)."""
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta))
@@ -130,6 +133,8 @@ def plan(cfg: Config, scenario: str, num_users: int, trainable_users: int) -> Le
     delta = p.delta or 1.0 / (10 * num_users)
     rate = min(1.0, cfg.train.batch_size / trainable_users)
     steps = cfg.fed.rounds * cfg.train.local_steps
+    from opacus.accountants.utils import get_noise_multiplier
+
     sigma = get_noise_multiplier(
         target_epsilon=p.epsilon, target_delta=delta, sample_rate=rate, steps=steps, accountant="rdp"
     )
@@ -178,6 +183,9 @@ class DPSGD:
     @contextlib.contextmanager
     def attached(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[DPOptimizer]:
         """Per-sample gradient hooks on the trainable layers and a DP optimizer; hooks removed on exit."""
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         try:
             yield DPOptimizer(

@@ -134,11 +134,12 @@ def frozen_prefix(
         states = torch.zeros(len(texts), max_length, int(model.config.hidden_size))
         batches = by_length(lengths, batch_size)
         bar = tqdm(batches, total=-(-len(texts) // batch_size), desc="frozen encoder", unit="batch", disable=None)
-        layers = getattr(model, "encoder").layer[:frozen_layers]  # noqa: B009 - typed as Module
+        embed = cast(nn.Module, getattr(model, "embeddings"))  # noqa: B009 - typed as Module
+        layers = getattr(model, "encoder").layer[:frozen_layers]  # noqa: B009
         with torch.no_grad():
             for rows in bar:  # a bar on a terminal only (disable=None): minutes for a large catalog
                 length = int(lengths[rows].max())
-                hidden = model.embeddings(input_ids=tokens["input_ids"][rows, :length])
+                hidden = embed(input_ids=tokens["input_ids"][rows, :length])
                 attention = create_bidirectional_mask(
                     config=model.config, inputs_embeds=hidden, attention_mask=mask[rows, :length]
                 )
