@@ -167,7 +167,7 @@ class Recommender:
         load_trainable(self.model, weights)
         self.model.eval()
         self.objectives = self.cfg.model.objective_names
-        self.dim = int(self.model.bert.config.hidden_size)
+        self.dim = self.model.item_dim
         self.state_dirs = [Path(d) for d in state_dirs]
         self.catalogs: dict[str, Catalog] = {}
         for path in scenarios:
@@ -215,7 +215,7 @@ class Recommender:
         if 0 < self.cfg.serve.ann_min_items <= scenario.num_items:
             if scale > 0:
                 path = cached.with_suffix(".hnsw") if cached is not None else None
-                ann = hnsw_index(retrieval_vectors(table, bias, scale), path)
+                ann = hnsw_index(retrieval_vectors(table[:, : model.head.dim], bias, scale), path)
             else:  # a non-positive scale reverses the order: no inner-product index ranks by it
                 logger.warning("%s: the ranking scale is %.3g <= 0; scoring every item", scenario.name, scale)
         return Catalog(
@@ -236,7 +236,8 @@ class Recommender:
         (None: no index, every item is a candidate)."""
         if catalog.ann is None:
             return None
-        query = torch.cat([user[0].detach(), user.new_ones(1)]).numpy()[None].astype(np.float32)
+        text = user[0, : catalog.model.head.dim].detach()  # (a private ID part is not scored)
+        query = torch.cat([text, user.new_ones(1)]).numpy()[None].astype(np.float32)
         depth = faiss.SearchParametersHNSW(efSearch=max(count, 128))  # type: ignore[attr-defined]  # per call: threads
         _, rows = catalog.ann.search(query, min(count, catalog.ann.ntotal), params=depth)
         return torch.from_numpy(rows[0][rows[0] >= 0]).long()
@@ -309,7 +310,7 @@ class Recommender:
         if request.exclude_seen and len(seen):
             seen_rows = torch.from_numpy(seen)
             scores[torch.isin(rows, seen_rows) if rows is not None else seen_rows] = -torch.inf
-        top = mmr(scores, table, request.k, diversity, self.cfg.serve.mmr_pool)  # positions among the scored
+        top = mmr(scores, table[:, : catalog.model.head.dim], request.k, diversity, self.cfg.serve.mmr_pool)
         items = top if rows is None else rows[top].tolist()  # their catalog rows
         sc = catalog.scenario
         return [

@@ -272,11 +272,12 @@ def train_round(
             part.requires_grad_(False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX)]
+    ids = [p for n, p in named if n.startswith(PRIVATE_PREFIX + "ids.")]  # at train.lr, as SASRec's (measured)
+    memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX) and not n.startswith(PRIVATE_PREFIX + "ids.")]
     lora = [p for n, p in named if ADAPTER_MARK in n]
     rest = [p for n, p in named if not n.startswith(PRIVATE_PREFIX) and ADAPTER_MARK not in n]
     groups: list[dict[str, Any]] = [
-        {"params": rest},
+        {"params": rest + ids},
         {"params": lora, "lr": cfg.train.lora_lr},
         {"params": memory, "lr": cfg.train.memory_lr},
     ]

@@ -41,6 +41,7 @@ class ModelConfig:
     scale: float = 20.0  # initial scale a of the ranking logit a * cos(user, item) (learned; 1 / temperature)
     item_memory: bool = True  # scenario-private per-item residual + output bias, trained locally, never sent
     memory_dropout: float = 0.75  # share of items whose private residual is dropped at each training step
+    item_ids: bool = False  # with item-memory: a private ID embedding per item on the sequence encoder's input
     text_adaptor: bool = True  # shared linear map of every text vector (identity at start), trained on the full catalog
     head_experts: int = 4  # MMoE experts shared by the non-ranking objectives
     head_hidden: int = 64  # width of the MMoE's projections and experts
@@ -57,6 +58,8 @@ class ModelConfig:
         for key in ("seq_dropout", "memory_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 _fail(f"model.{key.replace('_', '-')}", getattr(self, key), "must be in [0, 1)")
+        if self.item_ids and not self.item_memory:
+            _fail("model.item-ids", self.item_ids, "needs model.item-memory (the ID embeddings are part of it)")
         names = _names(self.objectives)
         if not names or len(set(names)) != len(names):
             _fail("model.objectives", self.objectives, "needs distinct comma-separated names")
@@ -289,6 +292,8 @@ class Config:
         for key, value in self.to_flat().items():  # what a section's own checks did not already refuse
             if isinstance(value, float) and not math.isfinite(value):
                 _fail(key, value, "must be a finite number")
+        if self.model.item_ids and self.privacy.enabled:  # DP-SGD keeps the whole item memory frozen
+            _fail("model.item-ids", True, "is for non-private runs: under DP the ID embeddings would stay random")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Config:

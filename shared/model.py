@@ -8,12 +8,14 @@ unit(A(text vector) + the item's private residual), where A is the shared text a
 identity at start, with ``model.text-adaptor``) and the residual exists with ``model.item-memory``.
 
 User vectors = a SASRec-style causal self-attention encoder over the user's item vectors (one per
-position). Ranking logit = a * cos(user, item) + the item's private bias; every other objective comes
+position); with ``model.item-ids`` each item's private ID embedding is added to its input, as SASRec's
+item embedding is. Ranking logit = a * cos(user, item) + the item's private bias; every other objective comes
 from an MMoE over (user, item) pairs.
 
-Shared (trainable, sent to the server): LoRA adapters, text adaptor, sequence encoder, head. Private (trainable, never
-sent): the item memory (``memory.*``). Everything else is frozen; with ``fed.aggregation = "ffa"`` so are the
-adapters' A matrices (drawn from the seed: :func:`freeze_lora_a`).
+Shared (trainable, sent to the server): LoRA adapters, text adaptor, sequence encoder, head. Private
+(trainable, never sent): the item memory (``memory.*``: residuals, biases, ID embeddings). Everything else
+is frozen; with ``fed.aggregation = "ffa"`` so are the adapters' A matrices (drawn from the seed:
+:func:`freeze_lora_a`).
 """
 
 from __future__ import annotations
@@ -188,10 +190,16 @@ class SequenceEncoder(nn.Module):
     only. User vector = unit(causal mean of the items so far + out(transformer state)); ``out`` starts
     at zero, so at initialisation the user is the mean of its history (the zero-shot recommender) and
     training adds what order and item-to-item interaction tell.
+
+    Items with private ID embeddings are (B, T, D + W) (:attr:`RecModel.item_dim`): the ID part is added
+    to the transformer's input and the output is padded with W zeros, so a user's dot product with an item
+    vector ignores the item's ID part (the IDs inform the user, as SASRec's input embeddings do, and are
+    never scored: measured, an ID score on the output memorises, BENCHMARKS.md).
     """
 
     def __init__(self, dim: int, width: int, layers: int, heads: int, dropout: float, length: int) -> None:
         super().__init__()
+        self.dim, self.width = dim, width
         self.inp = nn.Linear(dim, width)
         self.position = nn.Embedding(length, width)
         self.blocks = nn.ModuleList(CausalBlock(width, heads, dropout) for _ in range(layers))
@@ -202,10 +210,17 @@ class SequenceEncoder(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """items (B, T, D), mask (B, T) True for real items -> user vectors (B, T, D), unit norm."""
-        b, t, _ = items.shape
+        """items (B, T, D) or with ID embeddings (B, T, D + W), mask (B, T) True for real items -> user
+        vectors (B, T, D), unit norm (with ID embeddings: followed by W zeros)."""
+        b, t, width = items.shape
+        if width not in (self.dim, self.dim + self.width):
+            raise ValueError(f"item vectors are {width} wide; expected {self.dim} or {self.dim + self.width}")
+        items, ids = items[..., : self.dim], items[..., self.dim :]
         positions = torch.arange(t, device=items.device).expand(b, t)  # batched lookup: per-user grads under DP
-        x = self.drop(self.inp(items) + self.position(positions)) * mask[..., None]  # (B, T, W)
+        x = self.inp(items) + self.position(positions)
+        if ids.shape[-1]:
+            x = x + ids
+        x = self.drop(x) * mask[..., None]  # (B, T, W)
         causal = torch.ones(t, t, dtype=torch.bool, device=items.device).tril()
         # a padded query attends to itself only (an all-masked softmax row would be NaN)
         allowed = causal & (mask[:, None, :] | torch.eye(t, dtype=torch.bool, device=items.device))  # (B, T, T)
@@ -213,29 +228,35 @@ class SequenceEncoder(nn.Module):
             x = block(x, allowed[:, None])
         real = mask[..., None].to(items.dtype)
         mean = (items * real).cumsum(1) / real.cumsum(1).clamp(min=1.0)  # (B, T, D) causal mean of the history
-        return F.normalize(mean + self.out(self.norm(x)), dim=-1)
+        users = F.normalize(mean + self.out(self.norm(x)), dim=-1)
+        return torch.cat([users, torch.zeros_like(x)], dim=-1) if ids.shape[-1] else users
 
 
 class ItemMemory(nn.Module):
     """Scenario-private per-item parameters: a residual added to each item's text vector and an output
-    bias. Both start at zero (text alone); they are trained locally and never leave the client."""
+    bias, both zero at start (text alone), and (``ids`` > 0) an ID embedding that many wide, N(0, 0.02) at
+    start as SASRec's. They are trained locally and never leave the client."""
 
-    def __init__(self, num_items: int, dim: int) -> None:
+    def __init__(self, num_items: int, dim: int, ids: int = 0) -> None:
         super().__init__()
         self.residual = nn.Embedding(num_items, dim)
         self.bias = nn.Embedding(num_items, 1)
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.bias.weight)
+        self.ids = nn.Embedding(num_items, ids) if ids else None
+        if self.ids is not None:
+            nn.init.normal_(self.ids.weight, std=0.02)
 
 
 class MultiObjectiveHead(nn.Module):
     """Ranking logit = a * cos(u, v) + b (a two-tower score: full-catalog softmax and exact top-k are one
     matrix product); every other objective from an MMoE over (user, item) pair features (shared experts,
-    one gate and tower per objective)."""
+    one gate and tower per objective). Item and user vectors wider than ``dim`` (private ID parts) are read
+    in their first ``dim`` columns by the MMoE."""
 
     def __init__(self, dim: int, hidden: int, experts: int, objectives: int, scale: float) -> None:
         super().__init__()
-        self.objectives, self.num_experts, self.hidden = objectives, experts, hidden
+        self.dim, self.objectives, self.num_experts, self.hidden = dim, objectives, experts, hidden
         self.aux = objectives - 1  # objectives scored by the MMoE
         self.similarity = nn.Linear(1, 1)
         nn.init.constant_(self.similarity.weight, scale)
@@ -255,7 +276,7 @@ class MultiObjectiveHead(nn.Module):
         """Logits of every non-ranking objective for aligned pairs: users (..., D), items (..., D) -> (..., K-1)."""
         if not self.aux:
             return users.new_zeros((*users.shape[:-1], 0))
-        pu, pv = self.user_proj(users), self.item_proj(items)
+        pu, pv = self.user_proj(users[..., : self.dim]), self.item_proj(items[..., : self.dim])
         z = torch.cat([pu * pv, pu, pv], dim=-1)  # (..., 3h)
         experts = F.relu(self.experts(z)).unflatten(-1, (self.num_experts, self.hidden))  # (..., E, h)
         gates = self.gates(z).unflatten(-1, (self.aux, self.num_experts)).softmax(-1)  # (..., K-1, E)
@@ -277,7 +298,7 @@ class MultiObjectiveHead(nn.Module):
             empty = items.new_zeros(len(items), 0)
             return empty, empty, empty
         h = self.hidden
-        pv = self.item_proj(items)  # (N, h)
+        pv = self.item_proj(items[:, : self.dim])  # (N, h)
         experts = pv @ self.experts.weight[:, 2 * h :].T + self.experts.bias  # (N, E*h)
         gates = pv @ self.gates.weight[:, 2 * h :].T + self.gates.bias  # (N, (K-1)*E)
         return torch.cat([pv, torch.ones(len(pv), 1)], dim=1), experts, gates
@@ -302,7 +323,7 @@ class MultiObjectiveHead(nn.Module):
         if not self.aux:
             return logits[None]
         h, k = self.hidden, self.aux
-        pu = self.user_proj(users)[0]  # (h,)
+        pu = self.user_proj(users[:, : self.dim])[0]  # (h,)
         we, wg = self.experts.weight, self.gates.weight
         user_experts = torch.cat([(we[:, :h] * pu).T, (we[:, h : 2 * h] @ pu)[None]])  # (h+1, E*h)
         user_gates = torch.cat([(wg[:, :h] * pu).T, (wg[:, h : 2 * h] @ pu)[None]])  # (h+1, (K-1)*E)
@@ -414,7 +435,8 @@ class RecModel(nn.Module):
         self._prefix = states[0] if len(states) == 1 else torch.cat(states)
         self._mask = masks[0] if len(masks) == 1 else torch.cat(masks)
         if self.cfg.model.item_memory:
-            self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size))
+            ids = self.cfg.model.seq_dim if self.cfg.model.item_ids else 0
+            self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size), ids)
 
     def personal_copy(self) -> RecModel:
         """This model with its own copies of the ``fed.personal`` modules, every other module shared with it
@@ -430,7 +452,14 @@ class RecModel(nn.Module):
         """Item vectors (n, H) of texts outside the catalog from their pooled encodings (n, H): unit(adaptor(
         unit(text))), no private residual (as :meth:`item_vectors` for an item without one)."""
         text = F.normalize(text, dim=-1)
-        return text if self.adaptor is None else F.normalize(self.adaptor(text), dim=-1)
+        vectors = text if self.adaptor is None else F.normalize(self.adaptor(text), dim=-1)
+        return F.pad(vectors, (0, self.item_dim - vectors.shape[-1]))  # an unknown item has no ID embedding
+
+    @property
+    def item_dim(self) -> int:
+        """Width of an item vector: the text encoder's, plus ``model.seq-dim`` with ``model.item-ids``."""
+        hidden = int(self.bert.config.hidden_size)
+        return hidden + self.cfg.model.seq_dim if self.cfg.model.item_ids else hidden
 
     @property
     def num_items(self) -> int:
@@ -482,7 +511,8 @@ class RecModel(nn.Module):
         """Item vectors from text vectors (..., H) of catalog items ``index`` (...): unit(adaptor(text) +
         private residual); without an adaptor the text itself, without an item memory no residual. In
         training mode each residual is dropped with probability ``model.memory-dropout`` (the shared parts
-        learn to rank from text alone too: what a scenario without the memory, a newcomer, receives)."""
+        learn to rank from text alone too: what a scenario without the memory, a newcomer, receives). With
+        ``model.item-ids`` the item's private ID embedding follows: (..., H + model.seq-dim)."""
         if self.adaptor is None and self.memory is None:
             return text
         vectors = text if self.adaptor is None else self.adaptor(text)
@@ -492,7 +522,10 @@ class RecModel(nn.Module):
             if self.training and drop:  # whole residuals of random items; kept ones not rescaled
                 residual = residual * (torch.rand(index.shape, device=residual.device) >= drop)[..., None]
             vectors = vectors + residual
-        return F.normalize(vectors, dim=-1)
+        vectors = F.normalize(vectors, dim=-1)
+        if self.memory is not None and self.memory.ids is not None:
+            vectors = torch.cat([vectors, self.memory.ids(index)], dim=-1)
+        return vectors
 
     def catalog_parts(self) -> list[nn.Module]:
         """The trainable parts applied to the whole catalog's table (item memory, text adaptor): their

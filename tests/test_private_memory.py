@@ -400,3 +400,51 @@ def test_memory_dropout_must_be_a_share():
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="model.memory-dropout"):
             Config.from_run_config({**Config().to_flat(), "model.memory-dropout": bad})
+
+
+def with_ids(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_ids=True))
+
+
+def test_item_ids_are_private_inform_the_user_and_are_never_scored(tiny_cfg, demo_dir):
+    """``model.item-ids``: each item's private ID embedding (model.seq-dim wide) follows its vector in the
+    table, enters the sequence encoder with the item, is never part of a score, never leaves the client,
+    and is trained."""
+    from client.training import train_round
+
+    cfg = with_ids(tiny_cfg)
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    model = build_model(cfg, data)
+    assert model.memory is not None and model.memory.ids is not None
+    hidden, width, n = int(model.bert.config.hidden_size), cfg.model.seq_dim, model.num_items
+    assert model.memory.ids.weight.shape == (n, width) and model.item_dim == hidden + width
+    assert "memory.ids.weight" in private_state(model)
+    assert not any("ids" in k for k in trainable_state(model))  # what a client sends
+    table, bias = model.item_table()
+    assert table.shape == (n, hidden + width)
+    torch.testing.assert_close(table[:, hidden:], model.memory.ids.weight.detach(), rtol=0, atol=0)
+    assert torch.equal(model.text_item_vectors(torch.ones(2, hidden))[:, hidden:], torch.zeros(2, width))
+
+    history = torch.tensor([[-1, -1, -1, -1, -1, 3, 7, 11]])
+    users = model.user_vectors(history, table)
+    assert torch.equal(users[:, hidden:], torch.zeros(1, width))  # the ID part is never scored
+    scores = model.scores(users, table, bias)
+    changed = table.clone()
+    changed[5, hidden:] += torch.randn(width)  # item 5's ID embedding (not in the history)
+    torch.testing.assert_close(model.scores(users, changed, bias), scores, rtol=0, atol=0)
+
+    before = model.memory.ids.weight.detach().clone()
+    train_round(model, data, cfg, 1)
+    assert not torch.equal(model.memory.ids.weight, before)
+    table, bias = model.item_table()
+    users = model.user_vectors(history, table)  # trained: the transformer's state now reaches the user
+    changed = table.clone()
+    changed[11, hidden:] += torch.randn(width)  # the last history item's ID embedding: the user changes
+    assert not torch.allclose(model.user_vectors(history, changed), users)
+
+
+def test_item_ids_need_the_item_memory_and_a_non_private_run():
+    with pytest.raises(ValueError, match="model.item-ids.*needs model.item-memory"):
+        Config.from_run_config({"model.item-ids": True, "model.item-memory": False})
+    with pytest.raises(ValueError, match="model.item-ids.*non-private runs"):
+        Config.from_run_config({"model.item-ids": True, "privacy.epsilon": 8.0})
