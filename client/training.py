@@ -272,8 +272,9 @@ def train_round(
             part.requires_grad_(False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    ids = [p for n, p in named if n.startswith(PRIVATE_PREFIX + "ids.")]  # at train.lr, as SASRec's (measured)
-    memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX) and not n.startswith(PRIVATE_PREFIX + "ids.")]
+    id_prefix = PRIVATE_PREFIX + "ids."  # the private ID embeddings: at train.lr, as SASRec's (measured)
+    ids = [p for n, p in named if n.startswith(id_prefix)]
+    memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX) and not n.startswith(id_prefix)]
     lora = [p for n, p in named if ADAPTER_MARK in n]
     rest = [p for n, p in named if not n.startswith(PRIVATE_PREFIX) and ADAPTER_MARK not in n]
     groups: list[dict[str, Any]] = [

@@ -449,8 +449,9 @@ class RecModel(nn.Module):
         return view
 
     def text_item_vectors(self, text: torch.Tensor) -> torch.Tensor:
-        """Item vectors (n, H) of texts outside the catalog from their pooled encodings (n, H): unit(adaptor(
-        unit(text))), no private residual (as :meth:`item_vectors` for an item without one)."""
+        """Item vectors (n, :attr:`item_dim`) of texts outside the catalog from their pooled encodings (n, H):
+        unit(adaptor(unit(text))), no private residual and a zero ID part (as :meth:`item_vectors` for an item
+        without a memory)."""
         text = F.normalize(text, dim=-1)
         vectors = text if self.adaptor is None else F.normalize(self.adaptor(text), dim=-1)
         return F.pad(vectors, (0, self.item_dim - vectors.shape[-1]))  # an unknown item has no ID embedding
@@ -587,15 +588,15 @@ class RecModel(nn.Module):
         return self.item_vectors(self.text_table(), index), self.item_bias(index)
 
     def user_vectors(self, history: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """history (B, T) item indices, oldest first, left-padded with -1 -> user vectors (B, H) after the
-        most recent item."""
+        """history (B, T) item indices, oldest first, left-padded with -1 -> user vectors (B, item_dim) after
+        the most recent item (a zero ID part with ``model.item-ids``)."""
         mask = history >= 0
         if not bool(mask[:, -1].all()):
             raise ValueError("every user needs at least one history item")
         return self.user(table[history.clamp(min=0)], mask)[:, -1]  # type: ignore[no-any-return]
 
     def user_from_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """One user's vector (1, H) from its history's item vectors (n, H), oldest first (the most recent
+        """One user's vector (1, item_dim) from its history's item vectors (n, item_dim), oldest first (the most recent
         ``model.history`` are read, left-padded like every training sequence)."""
         length = self.cfg.model.history
         recent = vectors[-length:]
