@@ -32,6 +32,7 @@ from shared.data import Scenario, load_scenario
 from shared.model import RecModel, full_encoder_items
 from shared.records import load_trainable
 
+from .bandit import ItemStats, corrected, explore
 from .ranking import mmr, utility
 from .state import PRIVATE_FILE, load_personal, load_private, private_scenario, round_copy
 
@@ -73,6 +74,7 @@ class Catalog:
     value_range: tuple[float, float] | None  # the catalog's known min and max value: one scale for candidates too
     model: RecModel  # the checkpoint's model with this scenario's personal modules (fed.personal), if it has them
     ann: faiss.IndexHNSWFlat | None = None  # HNSW over the augmented item vectors (large catalogs only)
+    stats: ItemStats | None = None  # feedback per item (catalog rows), when the service keeps feedback
 
 
 def file_hash(path: Path) -> str:
@@ -283,9 +285,19 @@ class Recommender:
             rows = np.asarray([catalog.index[i] for i in request.history], dtype=np.int64)
         return catalog.model.user_from_vectors(catalog.table[torch.from_numpy(rows[-length:])]), rows
 
+    def reward_weights(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Objective -> weight of a request's utility (or the service's default), normalised to sum 1."""
+        values = self._weights(Request(scenario="", weights=weights)).tolist()
+        return dict(zip(self.objectives, values, strict=True))
+
     @torch.no_grad()
-    def recommend(self, request: Request) -> list[dict[str, object]]:
-        """Top-k items: utility = weighted objective probabilities (+ value term), then MMR."""
+    def recommend(
+        self, request: Request, policy: str | None = None, rng: np.random.Generator | None = None
+    ) -> list[dict[str, object]]:
+        """Top-k items: utility = weighted objective probabilities (+ value term), then MMR. With a policy other
+        than greedy (default serve.policy) the items' feedback corrects the utility (client/bandit.py) and the
+        policy fills the list's last serve.explore-slots slots from the next serve.explore-pool candidates.
+        Each item carries its propensity (chance the policy lists it) and the model's expected reward."""
         catalog = self.catalogs.get(request.scenario)
         if catalog is None:
             raise RequestError(f"unknown scenario '{request.scenario}'; this service has {sorted(self.catalogs)}")
@@ -310,7 +322,27 @@ class Recommender:
         if request.exclude_seen and len(seen):
             seen_rows = torch.from_numpy(seen)
             scores[torch.isin(rows, seen_rows) if rows is not None else seen_rows] = -torch.inf
-        top = mmr(scores, table[:, : catalog.model.head.dim], request.k, diversity, self.cfg.serve.mmr_pool)
+        expected = probs @ weights  # (C,) the model's expected reward
+        serve, policy = self.cfg.serve, policy or self.cfg.serve.policy
+        slots = 0 if policy == "greedy" else min(serve.explore_slots, request.k)
+        if slots:
+            if catalog.stats is None:
+                raise RequestError(f"policy '{policy}' learns from feedback: start the service with serve.feedback-db")
+            stats = catalog.stats if rows is None else catalog.stats.take(rows.numpy())
+            mean = corrected(expected.double().numpy(), stats, serve.prior_strength)
+            scores = scores + torch.from_numpy(mean).float() - expected  # the feedback-corrected utility
+        vectors = table[:, : catalog.model.head.dim]
+        top = mmr(scores, vectors, request.k - slots, diversity, serve.mmr_pool)
+        propensity = [1.0] * len(top)
+        if slots:
+            rest = scores.clone()
+            rest[top] = -torch.inf
+            pool = torch.topk(rest, min(serve.explore_pool, int(torch.isfinite(rest).sum()))).indices.numpy()
+            picked, chance = explore(
+                policy, expected.double().numpy()[pool], stats.take(pool), slots, rng or np.random.default_rng(),
+                strength=serve.prior_strength, epsilon=serve.epsilon, ucb_c=serve.ucb_c, draws=serve.draws,
+            )  # fmt: skip
+            top, propensity = top + pool[picked].tolist(), propensity + chance[picked].tolist()
         items = top if rows is None else rows[top].tolist()  # their catalog rows
         sc = catalog.scenario
         return [
@@ -319,6 +351,9 @@ class Recommender:
                 "text": sc.texts[item],
                 "score": float(scores[i]),
                 "objectives": {o: float(probs[i, j]) for j, o in enumerate(self.objectives)},
+                "expected": float(expected[i]),
+                "propensity": chance,
+                "explored": n >= request.k - slots,
             }
-            for i, item in zip(top, items, strict=True)
+            for n, (i, item, chance) in enumerate(zip(top, items, propensity, strict=True))
         ]

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+POLICIES = ("greedy", "epsilon-greedy", "ucb", "thompson")  # serve.policy: who fills the exploration slots
+
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
 
@@ -251,6 +253,16 @@ class ServeConfig:
     max_k: int = 100  # largest k a request may ask for
     ann_min_items: int = 50000  # catalogs this large retrieve candidates from an HNSW index first; 0 = never
     ann_candidates: int = 1000  # candidates the index retrieves (by the ranking objective) for the head to re-rank
+    feedback_db: str = ""  # SQLite file of served lists and their outcomes (POST /feedback); "" = no feedback
+    policy: str = "greedy"  # who fills the exploration slots: greedy | epsilon-greedy | ucb | thompson
+    explore_slots: int = 2  # the last slots of each list that the policy fills (greedy: the model's order)
+    explore_pool: int = 50  # candidates (best by utility after the list's other items) the policy chooses from
+    epsilon: float = 0.1  # epsilon-greedy: chance that the slots go to random candidates of the pool
+    prior_strength: float = 2.0  # weight of the model's expectation in an item's posterior (units of reward)
+    ucb_c: float = 1.0  # UCB: width of the bonus
+    draws: int = 200  # Thompson sampling: draws that estimate the propensities
+    ab_share: float = 0.0  # A/B test: share of users (by a stable hash of the user id) served by arm B
+    ab_policy: str = ""  # A/B test: arm B's policy ("" = serve.policy)
 
     def __post_init__(self) -> None:
         if self.weights:
@@ -266,9 +278,25 @@ class ServeConfig:
             _fail("serve.value-weight", self.value_weight, "must be finite")
         if self.ann_min_items < 0:
             _fail("serve.ann-min-items", self.ann_min_items, "must be >= 0 (0: always score every item)")
-        for key in ("mmr_pool", "max_k", "ann_candidates"):
+        for key in ("mmr_pool", "max_k", "ann_candidates", "explore_pool", "draws"):
             if getattr(self, key) < 1:
                 _fail(f"serve.{key.replace('_', '-')}", getattr(self, key), "must be >= 1")
+        for key, policy in (("policy", self.policy), ("ab-policy", self.ab_policy or self.policy)):
+            if policy not in POLICIES:
+                _fail(f"serve.{key}", policy, f"must be one of {', '.join(POLICIES)}")
+        if self.explore_slots < 0:
+            _fail("serve.explore-slots", self.explore_slots, "must be >= 0")
+        if not 0.0 <= self.epsilon <= 1.0:
+            _fail("serve.epsilon", self.epsilon, "must be in [0, 1]")
+        if not self.prior_strength > 0:
+            _fail("serve.prior-strength", self.prior_strength, "must be > 0")
+        if not self.ucb_c >= 0:
+            _fail("serve.ucb-c", self.ucb_c, "must be >= 0")
+        if not 0.0 <= self.ab_share <= 1.0:
+            _fail("serve.ab-share", self.ab_share, "must be in [0, 1]")
+        learning = {self.policy, self.ab_policy or self.policy} - {"greedy"}
+        if learning and not self.feedback_db:
+            _fail("serve.policy", ",".join(sorted(learning)), "learns from feedback: set serve.feedback-db too")
 
     @property
     def weight_values(self) -> tuple[float, ...]:

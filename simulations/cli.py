@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 default=None,
                 help="turn /reload on for checkpoints under this folder (token: env CROSSREC_RELOAD_TOKEN)",
             )
+            p.add_argument(
+                "--ab-checkpoint",
+                default=None,
+                help="A/B test: the checkpoint that serves arm B (the serve.ab-share of users; default: --checkpoint)",
+            )
         else:
             p.add_argument("--scenario", default=None, help="default: the only scenario given")
             p.add_argument("--user", default=None, help="a user id of the scenario's log")

@@ -75,10 +75,17 @@ def recommend(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from client.feedback import FeedbackStore
     from client.service import create_app
 
+    rec = load(args, args.checkpoint)
+    serve = rec.cfg.serve
+    if args.ab_checkpoint and not serve.ab_share > 0:
+        raise ValueError("--ab-checkpoint serves arm B: give arm B its share of users with serve.ab-share")
+    arm_b = load(args, args.ab_checkpoint) if args.ab_checkpoint else None
+    store = FeedbackStore(serve.feedback_db) if serve.feedback_db else None
     root = Path(args.reload_root) if args.reload_root else None
-    app = create_app(load(args, args.checkpoint), partial(load, args), root, os.environ.get(RELOAD_TOKEN))
+    app = create_app(rec, partial(load, args), root, os.environ.get(RELOAD_TOKEN), store, arm_b)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -93,6 +100,23 @@ def running_service(
     run_config: str = "",
 ) -> Iterator[str]:
     """``crossrec serve`` as a separate process on a free loopback port; yields its URL, stops it on exit."""
+    with service_process(
+        checkpoint, data, cache_dir, startup_timeout, reload_root, reload_token, run_config
+    ) as started:
+        yield started[1]
+
+
+@contextlib.contextmanager
+def service_process(
+    checkpoint: str | Path,
+    data: Sequence[str | Path],
+    cache_dir: str | Path,
+    startup_timeout: float = 300.0,
+    reload_root: str | Path | None = None,
+    reload_token: str | None = None,
+    run_config: str = "",
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """:func:`running_service` that also yields the process (to signal it)."""
     port = free_port()
     command = [
         sys.executable,
@@ -120,6 +144,6 @@ def running_service(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url + "/health", startup_timeout, "crossrec serve")
-        yield url
+        yield proc, url
     finally:
         stop_tree(proc)

@@ -50,6 +50,26 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def random_checkpoint():
+    """``make(cfg, folder, seed)``: a checkpoint of a model with random adapters and head (a non-trivial model)."""
+    import torch
+
+    from shared.checkpoint import save_checkpoint
+    from shared.model import RecModel
+    from shared.records import trainable_state
+
+    def make(cfg: Config, folder: Path, seed: int) -> Path:
+        torch.manual_seed(seed)
+        model = RecModel(cfg)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, 0, 0.2)
+        return save_checkpoint(folder, 1, trainable_state(model), cfg, {})
+
+    return make
+
+
 @pytest.fixture()
 def tiny_cfg(tiny_encoder: str) -> Config:
     """Default config on the tiny encoder, with short rounds."""

@@ -9,25 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from client.serving import Recommender, Request, cache_name
-from shared.checkpoint import save_checkpoint
-from shared.model import RecModel
-from shared.records import trainable_state
 from simulations.serving_cli import running_service
 
 pytestmark = [pytest.mark.serving, pytest.mark.xdist_group("service")]  # one service per module
 
 
-def make_checkpoint(cfg, folder, seed):
-    torch.manual_seed(seed)
-    model = RecModel(cfg)
-    for p in model.parameters():  # a non-trivial model: random adapters and head
-        if p.requires_grad:
-            torch.nn.init.normal_(p, 0, 0.2)
-    return save_checkpoint(folder, 1, trainable_state(model), cfg, {})
-
-
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_encoder, demo_dir):
+def service(tmp_path_factory, tiny_encoder, demo_dir, random_checkpoint):
     import dataclasses
 
     from shared.config import Config
@@ -37,7 +25,7 @@ def service(tmp_path_factory, tiny_encoder, demo_dir):
         cfg, model=dataclasses.replace(cfg.model, encoder=tiny_encoder, head_hidden=16, history=8)
     )
     root = tmp_path_factory.mktemp("serve")
-    first, second = make_checkpoint(cfg, root / "a", 1), make_checkpoint(cfg, root / "b", 2)
+    first, second = random_checkpoint(cfg, root / "a", 1), random_checkpoint(cfg, root / "b", 2)
     data = [demo_dir / "video", demo_dir / "news"]
     with running_service(first, data, root / "cache", 120, reload_root=root, reload_token=TOKEN) as url:
         yield {"url": url, "first": first, "second": second, "cfg": cfg, "root": root}
@@ -66,7 +54,9 @@ def test_happy_paths(service):
     by_user = post(service, {"scenario": "video", "user_id": "video-user-0001", "k": 5}).json()
     assert len(by_user["items"]) == 5 and by_user["checkpoint"]
     item = by_user["items"][0]
-    assert set(item) == {"item_id", "text", "score", "objectives"}
+    assert set(item) == {"item_id", "text", "score", "objectives", "expected", "propensity", "explored"}
+    assert by_user["policy"] == "greedy" and by_user["arm"] == "A" and len(by_user["request_id"]) == 32
+    assert all(i["propensity"] == 1.0 and not i["explored"] for i in by_user["items"])  # greedy: deterministic
     assert set(item["objectives"]) == {"engagement", "satisfaction"}
     scores = [i["score"] for i in by_user["items"]]
     assert scores == sorted(scores, reverse=True)  # diversity 0: plain top-k

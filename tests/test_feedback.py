@@ -1,0 +1,280 @@
+"""Feedback, exploration policies and A/B assignment: the store, the bandit by hand, and a real service."""
+
+import dataclasses
+import math
+import os
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+from client.bandit import ItemStats, corrected, explore, posterior
+from client.feedback import Event, FeedbackConflict, FeedbackStore, Outcome, Shown
+from client.service import arm_of
+from shared.config import POLICIES, Config
+from simulations.serving_cli import service_process
+
+SERVICE = [pytest.mark.serving, pytest.mark.xdist_group("feedback")]  # the service tests share one process
+WEIGHTS = {"video": {"engagement": 0.5, "satisfaction": 0.5}}
+
+
+def event(request_id, shown, outcomes=(), user="u1"):
+    return Event(
+        request_id=request_id,
+        scenario="video",
+        user_id=user,
+        served=1_700_000_000.0,
+        shown=tuple(Shown(item, pos, 1.0, expected) for pos, (item, expected) in enumerate(shown)),
+        outcomes=tuple(Outcome(item, objective, value, 1_700_000_060.0) for item, objective, value in outcomes),
+    )
+
+
+def test_posterior_matches_a_hand_computation_and_survives_a_restart(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    events = [
+        event("r1", [("a", 0.2), ("b", 0.1)], [("a", "engagement", 1.0), ("a", "satisfaction", 1.0)]),
+        event("r2", [("a", 0.4)], [("a", "engagement", 1.0)]),
+        event("r3", [("c", 0.3), ("b", 0.05)], [("b", "satisfaction", 0.6)]),
+    ]
+    assert store.record(events, WEIGHTS) == [True, True, True]
+    store.close()
+    store = FeedbackStore(tmp_path / "feedback.sqlite")  # a restarted service reads the same state
+    stats = store.item_stats("video", ["a", "b", "c", "never"])
+    # a: shown 2x, reward 0.5 + 0.5 (r1) + 0.5 (r2) = 1.5, expected 0.2 + 0.4; b: reward 0.5 x 0.6 = 0.3
+    np.testing.assert_allclose(stats.shown, [2, 2, 1, 0])
+    np.testing.assert_allclose(stats.reward, [1.5, 0.3, 0.0, 0.0])
+    np.testing.assert_allclose(stats.expected, [0.6, 0.15, 0.3, 0.0])
+    assert stats.total_expected == pytest.approx(1.05)
+    shape, rate = posterior(stats, strength=2.0)
+    np.testing.assert_allclose(shape, [3.5, 2.3, 2.0, 2.0])
+    np.testing.assert_allclose(rate, [2.6, 2.15, 2.3, 2.0])
+    p = np.array([0.3, 0.3, 0.3, 0.3])
+    np.testing.assert_allclose(corrected(p, stats, 2.0), [0.3 * 3.5 / 2.6, 0.3 * 2.3 / 2.15, 0.3 * 2 / 2.3, 0.3])
+    # UCB by hand: p x (mean + c sqrt(2 ln(1 + 1.05) / rate)); c = 1: a 0.6336, b 0.6193, never 0.6042, c 0.5776
+    picked, chance = explore(
+        "ucb", p, stats, 2, np.random.default_rng(0), strength=2.0, epsilon=0.0, ucb_c=1.0, draws=1
+    )
+    assert picked.tolist() == [0, 1] and chance.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert store.version == 1
+
+
+def test_duplicates_are_stored_once_and_conflicts_store_nothing(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    first = event("r1", [("a", 0.2)], [("a", "engagement", 1.0)])
+    assert store.record([first], WEIGHTS) == [True]
+    assert store.record([first, event("r2", [("b", 0.1)])], WEIGHTS) == [False, True]  # a retried batch
+    changed = event("r1", [("a", 0.2)], [("a", "engagement", 0.0)])
+    with pytest.raises(FeedbackConflict, match="'r1' is already stored with other content"):
+        store.record([event("r3", [("c", 0.1)]), changed], WEIGHTS)
+    with pytest.raises(FeedbackConflict, match="repeats within the batch"):
+        store.record([event("r4", [("c", 0.1)]), event("r4", [("c", 0.1)])], WEIGHTS)
+    stats = store.item_stats("video", ["a", "b", "c"])
+    np.testing.assert_allclose(stats.shown, [1, 1, 0])  # r3 and r4 rolled back with their batch
+    np.testing.assert_allclose(stats.reward, [0.5, 0.0, 0.0])
+
+
+def test_the_store_refuses_files_that_are_not_its_own(tmp_path):
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE orders (id INTEGER)")
+    with pytest.raises(ValueError, match="another application's tables"):
+        FeedbackStore(other)
+    with sqlite3.connect(other) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("orders",)]  # untouched
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match="not a crossrec feedback database"):
+        FeedbackStore(garbage)
+    newer = tmp_path / "newer.sqlite"
+    FeedbackStore(newer).close()
+    with sqlite3.connect(newer) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(ValueError, match="schema version 99 is newer"):
+        FeedbackStore(newer)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_propensities_sum_to_the_slots_and_are_the_chance_of_being_listed(policy):
+    """Each candidate's propensity is its frequency in the lists the policy makes (4,000 lists, fresh randomness
+    each); the propensities of all candidates sum to the number of exploration slots."""
+    rng = np.random.default_rng(7)
+    size, slots = 12, 3
+    p = np.sort(rng.uniform(0.05, 0.5, size))[::-1]
+    stats = ItemStats(rng.integers(0, 30, size).astype(float), rng.uniform(0, 3, size), rng.uniform(1, 6, size), 40.0)
+    settings = {"strength": 2.0, "epsilon": 0.3, "ucb_c": 1.0, "draws": 2000}
+    counts = np.zeros(size)
+    for seed in range(4000):
+        picked, chance = explore(policy, p, stats, slots, np.random.default_rng(seed), **settings)
+        assert len(set(picked.tolist())) == slots
+        assert chance.sum() == pytest.approx(slots)
+        assert np.all(chance[picked] > 0)
+        counts[picked] += 1
+    np.testing.assert_allclose(counts / 4000, chance, atol=0.04)
+    if policy == "epsilon-greedy":  # exact: epsilon x slots / size + (1 - epsilon) x [among the best means]
+        best = np.argsort(-corrected(p, stats, 2.0))[:slots]
+        expected = np.full(size, 0.3 * slots / size)
+        expected[best] += 0.7
+        np.testing.assert_allclose(chance, expected)
+
+
+def test_ab_assignment_is_stable_and_splits_at_the_share():
+    users = [f"user-{n}" for n in range(20_000)]
+    arms = [arm_of(u, 0.3) for u in users]
+    assert arms == [arm_of(u, 0.3) for u in users]  # stable
+    assert sum(a == "B" for a in arms) / len(users) == pytest.approx(0.3, abs=0.015)
+    assert {arm_of(u, 0.0) for u in users[:100]} == {"A"} and arm_of(None, 0.9) == "A"
+    # a larger share keeps every user already in B there (growing an experiment moves nobody back)
+    assert all(arm_of(u, 0.5) == "B" for u, a in zip(users, arms, strict=True) if a == "B")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_encoder, demo_dir, random_checkpoint):
+    cfg = Config()
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, encoder=tiny_encoder, head_hidden=16, history=8)
+    )
+    root = tmp_path_factory.mktemp("feedback")
+    checkpoint = random_checkpoint(cfg, root / "a", 1)
+    db = root / "feedback.sqlite"
+    settings = f"serve.feedback-db={db} serve.policy=thompson serve.ab-share=0.5 serve.ab-policy=greedy"
+    with service_process(checkpoint, [demo_dir / "video"], root / "cache", 120, run_config=settings) as (proc, url):
+        yield {"url": url, "db": db, "proc": proc, "root": root, "checkpoint": checkpoint, "data": demo_dir / "video"}
+
+
+def feedback_body(response, clicks=1, user="video-user-0001"):
+    items, now = response["items"], time.time()
+    return {
+        "request_id": response["request_id"],
+        "scenario": "video",
+        "user_id": user,
+        "served": now,
+        "policy": response["policy"],
+        "arm": response["arm"],
+        "checkpoint": response["checkpoint"],
+        "shown": [
+            {"item_id": i["item_id"], "position": n, "propensity": i["propensity"], "expected": i["expected"],
+             "explored": i["explored"]}
+            for n, i in enumerate(items)
+        ],  # fmt: skip
+        "outcomes": [
+            {"item_id": i["item_id"], "objective": "engagement", "value": 1, "time": now} for i in items[:clicks]
+        ],
+    }  # fmt: skip
+
+
+def count(db):
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM impressions").fetchone()[0]
+
+
+@SERVICE[0]
+@SERVICE[1]
+def test_recommend_explore_and_record_feedback(served):
+    users = {"A": None, "B": None}
+    for n in range(40):
+        users[arm_of(f"video-user-{n:04d}", 0.5)] = users[arm_of(f"video-user-{n:04d}", 0.5)] or f"video-user-{n:04d}"
+    a = httpx.post(served["url"] + "/recommend", json={"scenario": "video", "user_id": users["A"], "k": 10}).json()
+    b = httpx.post(served["url"] + "/recommend", json={"scenario": "video", "user_id": users["B"], "k": 10}).json()
+    assert (a["arm"], a["policy"], b["arm"], b["policy"]) == ("A", "thompson", "B", "greedy")
+    assert [i["explored"] for i in a["items"]] == [False] * 8 + [True] * 2  # serve.explore-slots = 2
+    assert all(i["propensity"] == 1.0 for i in a["items"][:8]) and all(0 < i["propensity"] <= 1 for i in a["items"])
+    assert not any(i["explored"] for i in b["items"])
+
+    before = count(served["db"])
+    body = feedback_body(a, user=users["A"])
+    stored = httpx.post(served["url"] + "/feedback", json={"events": [body]})
+    assert stored.status_code == 200 and stored.json() == {"stored": 1, "duplicates": 0}
+    again = httpx.post(served["url"] + "/feedback", json={"events": [body]})  # a retry after a lost answer
+    assert again.json() == {"stored": 0, "duplicates": 1}
+    changed = dict(body, outcomes=[])
+    assert httpx.post(served["url"] + "/feedback", json={"events": [changed]}).status_code == 409
+    assert count(served["db"]) == before + 1
+
+
+@SERVICE[0]
+@SERVICE[1]
+@pytest.mark.parametrize(
+    ("change", "status", "message"),
+    [
+        ({"scenario": "books"}, 400, "events[1].scenario: unknown scenario 'books'"),
+        ({"shown": [{"item_id": "nope", "position": 0, "propensity": 1, "expected": 0.1}]}, 400, "unknown item ids"),
+        ({"outcomes": [{"item_id": "video-0239", "objective": "engagement", "value": 1, "time": 1}]}, 400, "not shown"),
+        ({"outcomes": [{"item_id": "ITEM", "objective": "likes", "value": 1, "time": 1}]}, 400, "not one of"),
+        ({"outcomes": [{"item_id": "ITEM", "objective": "engagement", "value": 2, "time": 1}]}, 422, "value"),
+        ({"shown": []}, 422, "shown"),
+        ({"served": "yesterday"}, 422, "served"),
+        ({"propensity": 0}, 422, "propensity"),
+        ({"colour": "red"}, 422, "colour"),
+    ],
+)
+def test_bad_feedback_gets_4xx_and_stores_nothing_of_its_batch(served, change, status, message):
+    rec = httpx.post(served["url"] + "/recommend", json={"scenario": "video", "history": ["video-0001"], "k": 3})
+    good = feedback_body(rec.json())
+    bad = feedback_body(rec.json())
+    bad["request_id"] = uuid.uuid4().hex
+    shown_item = bad["shown"][0]["item_id"]
+    if "propensity" in change:
+        bad["shown"][0]["propensity"] = change["propensity"]
+    else:
+        bad.update(change)
+    for outcome in bad["outcomes"]:
+        outcome["item_id"] = outcome["item_id"].replace("ITEM", shown_item)
+    before = count(served["db"])
+    response = httpx.post(served["url"] + "/feedback", json={"events": [good, bad]})
+    assert response.status_code == status, response.text
+    assert message in response.text
+    assert count(served["db"]) == before  # the good event of the batch is not stored either
+
+
+@SERVICE[0]
+@SERVICE[1]
+def test_feedback_acknowledged_before_a_sigkill_is_never_lost(tmp_path, served):
+    """A real service killed with SIGKILL in the middle of a burst of feedback from four clients: every event
+    it acknowledged is in the database when it is opened again."""
+    db = tmp_path / "burst.sqlite"
+    acknowledged, stop = [], threading.Event()
+
+    def client(url):
+        with httpx.Client(timeout=10) as http:
+            while not stop.is_set():
+                body = {
+                    "request_id": uuid.uuid4().hex, "scenario": "video", "user_id": "video-user-0003", "served": 1.0,
+                    "shown": [{"item_id": "video-0001", "position": 0, "propensity": 1, "expected": 0.2}],
+                    "outcomes": [{"item_id": "video-0001", "objective": "engagement", "value": 1, "time": 2.0}],
+                }  # fmt: skip
+                try:
+                    response = http.post(url + "/feedback", json={"events": [body]})
+                except httpx.HTTPError:
+                    return  # the service is gone
+                if response.status_code == 200:
+                    acknowledged.append(body["request_id"])
+
+    settings = f"serve.feedback-db={db}"
+    with service_process(
+        served["checkpoint"], [served["data"]], served["root"] / "cache", 120, run_config=settings
+    ) as (
+        proc,
+        url,
+    ):
+        threads = [threading.Thread(target=client, args=(url,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(acknowledged) >= 200
+    with sqlite3.connect(db) as conn:
+        stored = {r[0] for r in conn.execute("SELECT request_id FROM impressions")}
+        shown = conn.execute("SELECT shown FROM item_stats WHERE item_id = 'video-0001'").fetchone()[0]
+    assert set(acknowledged) <= stored
+    assert shown == len(stored) and math.isfinite(shown)  # the running totals match the stored events
