@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.data import INTERACTIONS_FILE, DataError, load_scenario
+from shared.files import atomic_write_bytes
+
 from .bandit import ItemStats
 
 MIGRATIONS = (
@@ -241,6 +244,47 @@ class FeedbackStore:
         for arm, reward in rows:
             out.setdefault(arm, []).append(reward)
         return {arm: np.asarray(v) for arm, v in out.items()}
+
+
+def ingest(store: FeedbackStore, folder: str | Path) -> tuple[int, int]:
+    """Append the engagements recorded in ``store`` for the scenario at ``folder`` to its canonical log, each
+    once: (rows added, engagements already in the log). An engagement is a shown item whose first objective's
+    outcome is positive, at the outcome's time; the item's other outcomes become its labels (>= 0.5 -> 1).
+    Deduplicated by (user, item, timestamp), so running it again, or after a crash, adds nothing twice. The log
+    is replaced atomically (old content + the new rows), and only after every new row is checked."""
+    folder = Path(folder)
+    scenario = load_scenario(folder)  # the canonical loader's errors for a bad folder
+    if scenario.order != "timestamp":
+        raise DataError(f"{folder / INTERACTIONS_FILE}: the log has no timestamps; feedback can only join a timed log")
+    path = folder / INTERACTIONS_FILE
+    old = path.read_bytes()
+    present = set()
+    for line in old.decode("utf-8").splitlines():
+        if line.strip():
+            known = json.loads(line)
+            present.add((known["user_id"], known["item_id"], float(known["timestamp"])))
+    items = set(scenario.item_ids)
+    engagement, labelled = scenario.objectives[0], scenario.objectives[1:]
+    lines, already = [], 0
+    for user, item, time, outcomes in store.engagements(scenario.name, engagement):
+        if item not in items:
+            raise DataError(f"{store.path}: feedback on item '{item}', which is not in {folder}'s catalog")
+        key = (user, item, float(time))
+        if key in present:
+            already += 1
+            continue
+        present.add(key)
+        row: dict[str, object] = {
+            "user_id": user,
+            "item_id": item,
+            "timestamp": int(time) if time.is_integer() else time,
+        }
+        row.update({o: int(outcomes[o] >= 0.5) for o in labelled if o in outcomes})
+        lines.append(json.dumps(row) + "\n")
+    if lines:
+        separator = b"" if not old or old.endswith(b"\n") else b"\n"
+        atomic_write_bytes(path, old + separator + "".join(lines).encode("utf-8"))
+    return len(lines), already
 
 
 class _Transaction:

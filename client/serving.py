@@ -323,37 +323,79 @@ class Recommender:
             seen_rows = torch.from_numpy(seen)
             scores[torch.isin(rows, seen_rows) if rows is not None else seen_rows] = -torch.inf
         expected = probs @ weights  # (C,) the model's expected reward
-        serve, policy = self.cfg.serve, policy or self.cfg.serve.policy
-        slots = 0 if policy == "greedy" else min(serve.explore_slots, request.k)
-        if slots:
-            if catalog.stats is None:
-                raise RequestError(f"policy '{policy}' learns from feedback: start the service with serve.feedback-db")
-            stats = catalog.stats if rows is None else catalog.stats.take(rows.numpy())
-            mean = corrected(expected.double().numpy(), stats, serve.prior_strength)
-            scores = scores + torch.from_numpy(mean).float() - expected  # the feedback-corrected utility
-        vectors = table[:, : catalog.model.head.dim]
-        top = mmr(scores, vectors, request.k - slots, diversity, serve.mmr_pool)
-        propensity = [1.0] * len(top)
-        if slots:
-            rest = scores.clone()
-            rest[top] = -torch.inf
-            pool = torch.topk(rest, min(serve.explore_pool, int(torch.isfinite(rest).sum()))).indices.numpy()
-            picked, chance = explore(
-                policy, expected.double().numpy()[pool], stats.take(pool), slots, rng or np.random.default_rng(),
-                strength=serve.prior_strength, epsilon=serve.epsilon, ucb_c=serve.ucb_c, draws=serve.draws,
-            )  # fmt: skip
-            top, propensity = top + pool[picked].tolist(), propensity + chance[picked].tolist()
-        items = top if rows is None else rows[top].tolist()  # their catalog rows
+        policy = policy or self.cfg.serve.policy
+        if policy != "greedy" and catalog.stats is None:
+            raise RequestError(f"policy '{policy}' learns from feedback: start the service with serve.feedback-db")
+        stats = catalog.stats if catalog.stats is None or rows is None else catalog.stats.take(rows.numpy())
+        listed = make_list(
+            scores,
+            expected,
+            stats,
+            table[:, : catalog.model.head.dim],
+            request.k,
+            diversity,
+            self.cfg.serve,
+            policy,
+            rng,
+        )
+        items = listed.rows if rows is None else rows[listed.rows].tolist()  # their catalog rows
         sc = catalog.scenario
         return [
             {
                 "item_id": sc.item_ids[item],
                 "text": sc.texts[item],
-                "score": float(scores[i]),
+                "score": float(listed.scores[i]),
                 "objectives": {o: float(probs[i, j]) for j, o in enumerate(self.objectives)},
                 "expected": float(expected[i]),
                 "propensity": chance,
-                "explored": n >= request.k - slots,
+                "explored": n >= len(listed.rows) - listed.slots,
             }
-            for n, (i, item, chance) in enumerate(zip(top, items, propensity, strict=True))
+            for n, (i, item, chance) in enumerate(zip(listed.rows, items, listed.propensity, strict=True))
         ]
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A list as a policy made it: candidate rows (the ranked slots first, then the exploration slots), each
+    one's propensity, the number of exploration slots, and the (feedback-corrected) utility of every candidate."""
+
+    rows: list[int]
+    propensity: list[float]
+    slots: int
+    scores: torch.Tensor
+
+
+def make_list(
+    scores: torch.Tensor,
+    expected: torch.Tensor,
+    stats: ItemStats | None,
+    vectors: torch.Tensor,
+    k: int,
+    diversity: float,
+    serve: ServeConfig,
+    policy: str,
+    rng: np.random.Generator | None = None,
+) -> Listing:
+    """The list of ``k`` candidates: ``greedy`` is MMR over the utility ``scores`` (C,); another policy
+    corrects the utility by each item's feedback ``stats`` (``expected``: the model's expected reward, (C,)),
+    ranks the first k - serve.explore-slots slots by it (MMR over ``vectors``) and fills the rest from the next
+    serve.explore-pool candidates (client/bandit.py)."""
+    slots = 0 if policy == "greedy" else min(serve.explore_slots, k)
+    if slots:
+        if stats is None:
+            raise ValueError(f"policy '{policy}' needs the items' feedback statistics")
+        mean = corrected(expected.double().numpy(), stats, serve.prior_strength)
+        scores = scores + torch.from_numpy(mean).float() - expected  # the feedback-corrected utility
+    top = mmr(scores, vectors, k - slots, diversity, serve.mmr_pool)
+    propensity, ranked = [1.0] * len(top), len(top)
+    if slots:
+        assert stats is not None
+        rest = scores.clone()
+        rest[top] = -torch.inf
+        pool = torch.topk(rest, min(serve.explore_pool, int(torch.isfinite(rest).sum()))).indices.numpy()
+        picked, chance = explore(
+            policy, expected.double().numpy()[pool], stats.take(pool), slots, rng or np.random.default_rng(),
+            strength=serve.prior_strength, epsilon=serve.epsilon, ucb_c=serve.ucb_c, draws=serve.draws,
+        )  # fmt: skip
+        top, propensity = top + pool[picked].tolist(), propensity + chance[picked].tolist()
+    return Listing(top, propensity, len(top) - ranked, scores)

@@ -75,6 +75,8 @@ DEMO_SCENARIOS = (
     ScenarioSpec("news", "news story: {generic} report on {words}", 300, 360, False),
 )
 PERSONA_TOPICS = 3
+CLICK_BASE = 0.5  # a user's chance to click the most appealing item of one of their topics (if its quality is good)
+CLICK_QUALITY = (0.2, 0.85)  # relative click chance of a bad and a good item (the log's satisfaction rates)
 STAY_PROBABILITY = 0.55  # chance the next item stays in the last item's topic
 WORD_APPEAL_SIGMA = 0.6  # spread of the log-appeal of topic words (shared by all scenarios)
 
@@ -92,6 +94,28 @@ def _word_appeal(rng: np.random.Generator) -> dict[str, float]:
     return dict(zip(words, rng.normal(0.0, WORD_APPEAL_SIGMA, size=len(words)), strict=True))
 
 
+@dataclass(frozen=True)
+class DemoTruth:
+    """What the generator knows of one scenario's people and items."""
+
+    user_topics: np.ndarray  # (U, 3) topic indices of each user's persona
+    item_topic: np.ndarray  # (N,)
+    popularity: np.ndarray  # (N,) product of the item's words' appeal
+    good: np.ndarray  # (N,) bool: quality words that satisfy
+
+    def click_probability(self) -> np.ndarray:
+        """(U, N) chance that a user clicks an item shown to them: CLICK_BASE for an item of one of their topics,
+        times the square root of its appeal relative to its topic's most appealing item, times its quality
+        (CLICK_QUALITY: the rates at which the log's satisfaction label is 1); 0 outside their topics."""
+        best = np.zeros(self.item_topic.max() + 1)
+        np.maximum.at(best, self.item_topic, self.popularity)
+        item = np.sqrt(self.popularity / best[self.item_topic]) * np.where(
+            self.good, CLICK_QUALITY[1], CLICK_QUALITY[0]
+        )
+        liked = (self.user_topics[:, :, None] == self.item_topic[None, None, :]).any(axis=1)  # (U, N)
+        return CLICK_BASE * liked * item[None, :]
+
+
 def _scenario(
     spec: ScenarioSpec,
     personas: np.ndarray,
@@ -99,7 +123,7 @@ def _scenario(
     rng: np.random.Generator,
     min_len: int,
     max_len: int,
-) -> tuple[Scenario, list[np.ndarray]]:
+) -> tuple[Scenario, list[np.ndarray], DemoTruth]:
     topic_names = list(TOPICS)
     item_topic = rng.integers(len(topic_names), size=spec.num_items)
     good = rng.random(spec.num_items) < 0.5
@@ -116,9 +140,10 @@ def _scenario(
             )
         )
     by_topic = [np.flatnonzero(item_topic == t) for t in range(len(topic_names))]
-    sequences, labels, stamps = [], [], []
+    sequences, labels, stamps, user_topics = [], [], [], []
     for _ in range(spec.num_users):
         liked = personas[rng.integers(len(personas))]
+        user_topics.append(liked)
         length = int(rng.integers(min_len, max_len + 1))
         seq: list[int] = []
         topic = int(rng.choice(liked))
@@ -143,11 +168,20 @@ def _scenario(
         sequences=sequences,
         labels={"satisfaction": labels} if spec.labelled else {},
     )
-    return scenario, stamps
+    return scenario, stamps, DemoTruth(np.asarray(user_topics), item_topic, popularity, good)
 
 
 def demo_federation(seed: int = 0, min_len: int = 4, max_len: int = 8) -> dict[str, tuple[Scenario, list[np.ndarray]]]:
     """Build the three demo scenarios (with per-interaction timestamps); same seed, same data."""
+    return {name: (scenario, stamps) for name, (scenario, stamps, _) in _generate(seed, min_len, max_len).items()}
+
+
+def demo_truth(seed: int = 0, min_len: int = 4, max_len: int = 8) -> dict[str, tuple[Scenario, DemoTruth]]:
+    """The demo scenarios of :func:`demo_federation` with what their generator knows (for interactive simulation)."""
+    return {name: (scenario, truth) for name, (scenario, _, truth) in _generate(seed, min_len, max_len).items()}
+
+
+def _generate(seed: int, min_len: int, max_len: int) -> dict[str, tuple[Scenario, list[np.ndarray], DemoTruth]]:
     rng = np.random.default_rng(seed)
     personas = _personas(rng)
     appeal = _word_appeal(rng)

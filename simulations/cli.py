@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-data", help="load, validate and describe a scenario folder")
     check.add_argument("folder", help="the scenario folder")
     check.add_argument("--run-config", default="", help="the model config it must fit (model.objectives, ...)")
+    ingest = sub.add_parser("ingest", help="append the service's recorded feedback to a scenario's log, once")
+    ingest.add_argument("--feedback", required=True, help="the service's feedback database (serve.feedback-db)")
+    ingest.add_argument("--data", required=True, help="the scenario folder whose log the next round trains on")
     status = sub.add_parser("privacy-status", help="what a client's privacy ledger says: target, spent, remaining")
     status.add_argument("--state-dir", required=True, help="the client's state folder (simulation: RUN/clients/NAME)")
     certs = sub.add_parser("certs", help="make a local CA, a SuperLink certificate and SuperNode keys (for trying)")
@@ -197,6 +200,14 @@ def run(args: argparse.Namespace) -> int:
             from .simulate import parse_overrides
 
             check_data(args.folder, Config.from_run_config(parse_overrides(args.run_config)))
+        elif args.command == "ingest":
+            from client.feedback import FeedbackStore
+            from client.feedback import ingest as ingest_feedback
+
+            if not Path(args.feedback).is_file():
+                raise ValueError(f"{args.feedback}: no feedback database there")
+            added, already = ingest_feedback(FeedbackStore(args.feedback), args.data)
+            print(f"added {added} interactions to {Path(args.data) / 'interactions.jsonl'} ({already} already there)")
         elif args.command == "privacy-status":
             from client.privacy import ledger_status
 

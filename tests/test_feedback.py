@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from client.bandit import ItemStats, corrected, explore, posterior
-from client.feedback import Event, FeedbackConflict, FeedbackStore, Outcome, Shown
+from client.feedback import Event, FeedbackConflict, FeedbackStore, Outcome, Shown, ingest
 from client.service import arm_of
 from shared.config import POLICIES, Config
 from simulations.serving_cli import service_process
@@ -76,6 +76,53 @@ def test_duplicates_are_stored_once_and_conflicts_store_nothing(tmp_path):
     stats = store.item_stats("video", ["a", "b", "c"])
     np.testing.assert_allclose(stats.shown, [1, 1, 0])  # r3 and r4 rolled back with their batch
     np.testing.assert_allclose(stats.reward, [0.5, 0.0, 0.0])
+
+
+def test_ingest_turns_engagements_into_canonical_interactions_exactly_once(tmp_path):
+    from shared.data import DataError, load_scenario
+    from shared.demo import write_demo_federation
+
+    write_demo_federation(tmp_path / "data")
+    folder = tmp_path / "data" / "video"
+    before = load_scenario(folder)
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    store.record(
+        [
+            event(
+                "r1",
+                [("video-0005", 0.2), ("video-0006", 0.1)],
+                [("video-0006", "engagement", 1.0)],
+                user="video-user-0002",
+            ),
+            event(
+                "r2",
+                [("video-0007", 0.3)],
+                [("video-0007", "engagement", 1.0), ("video-0007", "satisfaction", 0.8)],
+                user="new-user",
+            ),
+            event("r3", [("video-0008", 0.3)], [("video-0008", "satisfaction", 1.0)], user="new-user"),  # no click
+        ],
+        WEIGHTS,
+    )
+    assert ingest(store, folder) == (2, 0)
+    after = load_scenario(folder)
+    assert after.num_interactions == before.num_interactions + 2
+    new = after.users.index("new-user")
+    assert [after.item_ids[i] for i in after.sequences[new]] == ["video-0007"]
+    assert after.labels["satisfaction"][new].tolist() == [1.0]
+    old = after.users.index("video-user-0002")
+    assert after.item_ids[after.sequences[old][-1]] == "video-0006"  # its time 1_700_000_060 is the latest
+    assert ingest(store, folder) == (0, 2)  # again: nothing twice
+    store.record([event("r4", [("video-0009", 0.3)], [("video-0009", "engagement", 1.0)], user="new-user")], WEIGHTS)
+    assert ingest(store, folder) == (1, 2)
+    text = (folder / "interactions.jsonl").read_bytes()
+    other = tmp_path / "data" / "shop"
+    ghost = Event("r5", "shop", "u", 1.0, (Shown("ghost", 0, 1.0, 0.1),), (Outcome("ghost", "engagement", 1.0, 2.0),))
+    store.record([ghost], {"shop": {"engagement": 1.0}})
+    with pytest.raises(DataError, match="item 'ghost', which is not in"):
+        ingest(store, other)
+    assert (folder / "interactions.jsonl").read_bytes() == text
+    assert load_scenario(other).num_interactions == load_scenario(tmp_path / "data" / "shop").num_interactions
 
 
 def test_the_store_refuses_files_that_are_not_its_own(tmp_path):
