@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -106,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     ingest = sub.add_parser("ingest", help="append the service's recorded feedback to a scenario's log, once")
     ingest.add_argument("--feedback", required=True, help="the service's feedback database (serve.feedback-db)")
     ingest.add_argument("--data", required=True, help="the scenario folder whose log the next round trains on")
+    abtest = sub.add_parser("abtest", help="A/B tests from the service's feedback")
+    abtest_sub = abtest.add_subparsers(dest="abtest_command", required=True)
+    ab_report = abtest_sub.add_parser("report", help="per-arm reward and B - A with an always-valid interval")
+    ab_report.add_argument("--feedback", required=True, help="the service's feedback database (serve.feedback-db)")
+    ab_report.add_argument("--scenario", required=True)
+    ab_report.add_argument("--mde", type=float, required=True, help="minimum detectable effect (reward per impression)")
+    ab_report.add_argument(
+        "--alpha", type=float, default=0.05, help="chance of a false declaration, however often read"
+    )
+    ab_report.add_argument("--power", type=float, default=0.8, help="for the planned sample size")
+    ab_report.add_argument("--json", default=None, help="also write the report to this JSON file")
     status = sub.add_parser("privacy-status", help="what a client's privacy ledger says: target, spent, remaining")
     status.add_argument("--state-dir", required=True, help="the client's state folder (simulation: RUN/clients/NAME)")
     certs = sub.add_parser("certs", help="make a local CA, a SuperLink certificate and SuperNode keys (for trying)")
@@ -208,6 +221,16 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.feedback}: no feedback database there")
             added, already = ingest_feedback(FeedbackStore(args.feedback), args.data)
             print(f"added {added} interactions to {Path(args.data) / 'interactions.jsonl'} ({already} already there)")
+        elif args.command == "abtest":
+            from client.abtest import report
+            from client.feedback import FeedbackStore
+
+            if not Path(args.feedback).is_file():
+                raise ValueError(f"{args.feedback}: no feedback database there")
+            result = report(FeedbackStore(args.feedback).arm_rewards(args.scenario), args.mde, args.alpha, args.power)
+            print("\n".join(result.lines()))
+            if args.json:
+                Path(args.json).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
         elif args.command == "privacy-status":
             from client.privacy import ledger_status
 

@@ -325,3 +325,31 @@ def test_feedback_acknowledged_before_a_sigkill_is_never_lost(tmp_path, served):
         shown = conn.execute("SELECT shown FROM item_stats WHERE item_id = 'video-0001'").fetchone()[0]
     assert set(acknowledged) <= stored
     assert shown == len(stored) and math.isfinite(shown)  # the running totals match the stored events
+
+
+def test_msprt_by_hand():
+    from client.abtest import msprt
+
+    # a: mean 0.5, variance 1/3; b: mean 0.75, variance 1/4; V = 1/12 + 1/16 = 0.1458333; tau^2 = 0.25
+    # L = sqrt(V / (V + 0.25)) exp(0.25 x 0.0625 / (2 V (V + 0.25))) = 0.606977 x 1.144924 = 0.694943
+    # half-width = sqrt(V (V + 0.25) / 0.25 x (ln((V + 0.25) / V) + 2 ln 20)) = sqrt(0.2309028 x 6.989994) = 1.270437
+    v = msprt(np.array([0, 1, 0, 1.0]), np.array([1, 1, 0, 1.0]), tau=0.5, alpha=0.05)
+    assert v.difference == 0.25 and v.likelihood_ratio == pytest.approx(0.694943, abs=1e-5)
+    assert (v.low, v.high) == pytest.approx((0.25 - 1.270437, 0.25 + 1.270437), abs=1e-5)
+    assert not v.significant
+    with pytest.raises(ValueError, match="at least 2 impressions"):
+        msprt(np.array([1.0]), np.array([0.0, 1.0]), tau=0.1)
+
+
+def test_msprt_false_positive_rate_when_the_report_is_read_after_every_100_events():
+    """No difference (click rate 0.1 in both arms), 2,000 events, the report read after every 100: the share of
+    400 experiments in which B is ever declared different stays <= alpha = 0.05."""
+    from client.abtest import msprt, planned_size
+
+    rng = np.random.default_rng(2026)
+    declared = 0
+    for _ in range(400):
+        clicks = (rng.random((2, 1000)) < 0.1).astype(float)
+        declared += any(msprt(clicks[0, :m], clicks[1, :m], tau=0.03).significant for m in range(50, 1001, 50))
+    assert declared / 400 <= 0.05
+    assert planned_size(0.18, 0.02) > planned_size(0.18, 0.04) > 0  # a smaller effect needs more impressions
