@@ -16,6 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# model keys added after checkpoints were first written: left out of the model hash while at these defaults, so
+# checkpoints written before a key existed (which had it off) still load
+LATER_KEYS: dict[str, object] = {"model.item-ids": False}
 POLICIES = ("greedy", "epsilon-greedy", "ucb", "thompson")  # serve.policy: who fills the exploration slots
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -351,7 +354,12 @@ class Config:
 
     def model_hash(self) -> str:
         """Hash of everything that fixes the shared weights' names and shapes (``fed.aggregation``: which are sent)."""
-        keys = {k: v for k, v in self.to_flat().items() if k.startswith(("model.", "lora."))}
+        keys = {
+            k: v
+            for k, v in self.to_flat().items()
+            if k.startswith(("model.", "lora."))
+            and LATER_KEYS.get(k, not v) != v  # LATER_KEYS at their defaults: left out
+        }
         if self.fed.aggregation != "fedavg":  # fedavg sends every adapter weight (and keeps older hashes)
             keys["fed.aggregation"] = self.fed.aggregation
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -36,6 +37,22 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         load_checkpoint(folder, other)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         load_checkpoint(tmp_path, cfg)
+
+
+def test_a_checkpoint_written_before_a_later_model_key_existed_still_loads(tmp_path):
+    """A checkpoint's meta.json from before model.item-ids existed (no such key; its hash over the keys it had)
+    reads with the key at its default; the same checkpoint with the key on is another model."""
+    cfg = Config()
+    folder = save_checkpoint(tmp_path, 1, {"a": np.zeros(2, np.float32)}, cfg, {})
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["config"]["model.item-ids"]
+    shapes = {k: v for k, v in meta["config"].items() if k.startswith(("model.", "lora."))}
+    meta["model_hash"] = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]  # as written then
+    (folder / "meta.json").write_text(json.dumps(meta))
+    loaded, _, _ = read_checkpoint(folder)
+    assert loaded.model.item_ids is False and loaded.model_hash() == meta["model_hash"]
+    with_ids = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_ids=True, item_memory=True))
+    assert with_ids.model_hash() != cfg.model_hash()
 
 
 def test_failed_write_leaves_the_previous_checkpoint(tmp_path):
