@@ -62,7 +62,7 @@ def load_checkpoint(folder: str | Path, cfg: Config) -> tuple[int, dict[str, np.
     if not meta_path.is_file() or not weights_path.is_file():
         raise ValueError(f"run.resume = '{folder}': not a checkpoint folder (needs {META_FILE} and {WEIGHTS_FILE})")
     meta = read_meta(folder)
-    if meta.get("model_hash") != cfg.model_hash():
+    if meta.get("model_hash") not in (cfg.model_hash(), cfg.model_hash(later_keys=True)):
         raise ValueError(
             f"run.resume = '{folder}': checkpoint was written for a different model.*/lora.*/fed.aggregation config "
             f"(hash {meta.get('model_hash')} vs {cfg.model_hash()})"

@@ -352,13 +352,13 @@ class Config:
                 flat[f"{section.name}.{f.name.replace('_', '-')}"] = getattr(getattr(self, section.name), f.name)
         return flat
 
-    def model_hash(self) -> str:
-        """Hash of everything that fixes the shared weights' names and shapes (``fed.aggregation``: which are sent)."""
+    def model_hash(self, later_keys: bool = False) -> str:
+        """Hash of everything that fixes the shared weights' names and shapes (``fed.aggregation``: which are sent).
+        ``later_keys``: with the LATER_KEYS at their defaults too (as checkpoints of 2026-11-29 were hashed)."""
         keys = {
             k: v
             for k, v in self.to_flat().items()
-            if k.startswith(("model.", "lora."))
-            and LATER_KEYS.get(k, not v) != v  # LATER_KEYS at their defaults: left out
+            if k.startswith(("model.", "lora.")) and (later_keys or not (k in LATER_KEYS and LATER_KEYS[k] == v))
         }
         if self.fed.aggregation != "fedavg":  # fedavg sends every adapter weight (and keeps older hashes)
             keys["fed.aggregation"] = self.fed.aggregation

@@ -51,6 +51,11 @@ def test_a_checkpoint_written_before_a_later_model_key_existed_still_loads(tmp_p
     (folder / "meta.json").write_text(json.dumps(meta))
     loaded, _, _ = read_checkpoint(folder)
     assert loaded.model.item_ids is False and loaded.model_hash() == meta["model_hash"]
+    meta["config"]["model.item-ids"] = False  # written while the key was hashed at its default too: loads
+    hashed = {**shapes, "model.item-ids": False}
+    meta["model_hash"] = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert read_checkpoint(folder)[0].model.item_ids is False
     with_ids = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_ids=True, item_memory=True))
     assert with_ids.model_hash() != cfg.model_hash()
 
