@@ -1,11 +1,15 @@
 """Exploration when combining results: which candidates fill a list's exploration slots.
 
-The model gives every candidate an expected reward ``p`` (its weighted objective probabilities). Feedback
+The model gives every candidate an expected reward ``p`` (client.serving.Recommender.scored: its share of the
+user's next engagement times the expected reward of an engagement). Feedback
 tells, per item, how much reward it earned (``R``) against how much the model expected when it was shown
 (``E``, the sum of its ``p`` at those impressions). Each item has a multiplicative correction ``rho`` of the
-model's expectation: reward ~ Poisson(p x rho), rho ~ Gamma(s, s) a priori (mean 1: the model is right until
-feedback says otherwise; ``s`` = serve.prior-strength pseudo-units of expected reward). The posterior is
-Gamma(s + R, s + E): conjugate, one line to compute by hand, personalised (it scales each user's own ``p``).
+model's expectation: reward ~ Poisson(p x rho), rho ~ Gamma(s c, s) a priori, whose mean c = (R_all + s) /
+(E_all + s) is the model's calibration over every item of the scenario so far (empirical Bayes: an item never
+shown is expected to do as well as the model's average item does, not as well as the model says; with a
+model that overrates everything, a prior mean of 1 would send every list to the items not yet shown;
+``s`` = serve.prior-strength pseudo-units of expected reward). The posterior is Gamma(s c + R, s + E):
+conjugate, one line to compute by hand, personalised (it scales each user's own ``p``).
 
 Policies (``serve.policy``), each returning the picked candidates and every candidate's propensity (the
 probability that it fills one of the slots, so the propensities of all candidates sum to the slot count):
@@ -35,27 +39,32 @@ class ItemStats:
     shown: np.ndarray  # (P,)
     reward: np.ndarray  # (P,)
     expected: np.ndarray  # (P,)
-    total_expected: float  # over every impression of the scenario (UCB's clock)
+    total_reward: float  # over every item shown in the scenario
+    total_expected: float  # over every item shown in the scenario (also UCB's clock)
 
     @classmethod
     def none(cls, size: int) -> ItemStats:
-        return cls(np.zeros(size), np.zeros(size), np.zeros(size), 0.0)
+        return cls(np.zeros(size), np.zeros(size), np.zeros(size), 0.0, 0.0)
 
     def take(self, rows: np.ndarray) -> ItemStats:
         """The stats of the candidates at ``rows``."""
-        return ItemStats(self.shown[rows], self.reward[rows], self.expected[rows], self.total_expected)
+        return ItemStats(
+            self.shown[rows], self.reward[rows], self.expected[rows], self.total_reward, self.total_expected
+        )
 
     def add(self, row: int, reward: float, expected: float) -> None:
         """One more impression of the item at ``row``."""
         self.shown[row] += 1
         self.reward[row] += reward
         self.expected[row] += expected
+        self.total_reward += reward
         self.total_expected += expected
 
 
 def posterior(stats: ItemStats, strength: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gamma(shape, rate) of each candidate's correction rho: (s + R, s + E)."""
-    return strength + stats.reward, strength + stats.expected
+    """Gamma(shape, rate) of each candidate's correction rho: (s c + R, s + E), c = (R_all + s) / (E_all + s)."""
+    calibration = (stats.total_reward + strength) / (stats.total_expected + strength)
+    return strength * calibration + stats.reward, strength + stats.expected
 
 
 def corrected(p: np.ndarray, stats: ItemStats, strength: float) -> np.ndarray:

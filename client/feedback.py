@@ -202,15 +202,14 @@ class FeedbackStore:
 
     def item_stats(self, scenario: str, item_ids: Sequence[str]) -> ItemStats:
         """Feedback totals aligned with ``item_ids`` (zeros for items never shown; items not listed are left
-        out) and the expected reward of every impression of the scenario (UCB's clock)."""
+        out) and the reward earned and expected over every item of the scenario."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT item_id, shown, reward, expected FROM item_stats WHERE scenario = ?", (scenario,)
             ).fetchall()
-        total = float(sum(r[3] for r in rows))
         found = {r[0]: r[1:] for r in rows}
         table = np.asarray([found.get(i, (0, 0.0, 0.0)) for i in item_ids], dtype=np.float64).reshape(-1, 3)
-        return ItemStats(table[:, 0], table[:, 1], table[:, 2], total)
+        return ItemStats(table[:, 0], table[:, 1], table[:, 2], sum(r[2] for r in rows), sum(r[3] for r in rows))
 
     def engagements(self, scenario: str, objective: str) -> Iterator[tuple[str, str, float, dict[str, float]]]:
         """(user, item, time, the item's other outcomes) for every shown item whose ``objective`` outcome is

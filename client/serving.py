@@ -291,6 +291,28 @@ class Recommender:
         return dict(zip(self.objectives, values, strict=True))
 
     @torch.no_grad()
+    def scored(
+        self, catalog: Catalog, user: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(objective probabilities (C, K), utility (C,), expected reward (C,)) of the catalog's items at ``rows``
+        (default: all) for one user; in float64, where the ranking objective's probability near 1 keeps its order.
+
+        The ranking objective is trained with a softmax over the catalog, so its sigmoid ranks but is no
+        click probability (it is near 1 for most items). The expected reward of listing an item is the model's
+        share of the user's next engagement going to it (softmax over the scored items) times the expected
+        reward of an engagement (its weight plus the other objectives' probabilities x their weights)."""
+        table, bias, features, values = catalog.table, catalog.bias, catalog.features, catalog.values
+        if rows is not None:  # the head, the utility and MMR on the retrieved candidates only
+            table, bias, values = table[rows], bias[rows], None if values is None else values[rows]
+            features = (features[0][rows], features[1][rows], features[2][rows])
+        logits = catalog.model.head.fast_scores(user, table, features)[0].double()  # (C, K)
+        logits[:, 0] += bias
+        probs, weights = torch.sigmoid(logits), weights.double()
+        scores = utility(probs, weights, values, self.cfg.serve.value_weight, catalog.value_range)
+        expected = torch.softmax(logits[:, 0], dim=0) * (weights[0] + probs[:, 1:] @ weights[1:])
+        return probs, scores, expected
+
+    @torch.no_grad()
     def recommend(
         self, request: Request, policy: str | None = None, rng: np.random.Generator | None = None
     ) -> list[dict[str, object]]:
@@ -311,18 +333,10 @@ class Recommender:
         rows = self.candidates(
             user, catalog, self.cfg.serve.ann_candidates + (len(seen) if request.exclude_seen else 0)
         )
-        table, bias, features, values = catalog.table, catalog.bias, catalog.features, catalog.values
-        if rows is not None:  # the head, the utility and MMR on the retrieved candidates only
-            table, bias, values = table[rows], bias[rows], None if values is None else values[rows]
-            features = (features[0][rows], features[1][rows], features[2][rows])
-        logits = catalog.model.head.fast_scores(user, table, features)[0]  # (C, K)
-        logits[:, 0] += bias
-        probs = torch.sigmoid(logits)
-        scores = utility(probs, weights, values, self.cfg.serve.value_weight, catalog.value_range)
+        probs, scores, expected = self.scored(catalog, user, weights, rows)
         if request.exclude_seen and len(seen):
             seen_rows = torch.from_numpy(seen)
             scores[torch.isin(rows, seen_rows) if rows is not None else seen_rows] = -torch.inf
-        expected = probs @ weights  # (C,) the model's expected reward
         policy = policy or self.cfg.serve.policy
         if policy != "greedy" and catalog.stats is None:
             raise RequestError(f"policy '{policy}' learns from feedback: start the service with serve.feedback-db")
@@ -331,7 +345,7 @@ class Recommender:
             scores,
             expected,
             stats,
-            table[:, : catalog.model.head.dim],
+            (catalog.table if rows is None else catalog.table[rows])[:, : catalog.model.head.dim],
             request.k,
             diversity,
             self.cfg.serve,
@@ -376,16 +390,16 @@ def make_list(
     policy: str,
     rng: np.random.Generator | None = None,
 ) -> Listing:
-    """The list of ``k`` candidates: ``greedy`` is MMR over the utility ``scores`` (C,); another policy
-    corrects the utility by each item's feedback ``stats`` (``expected``: the model's expected reward, (C,)),
-    ranks the first k - serve.explore-slots slots by it (MMR over ``vectors``) and fills the rest from the next
-    serve.explore-pool candidates (client/bandit.py)."""
+    """The list of ``k`` candidates: ``greedy`` is MMR over the utility ``scores`` (C,); another policy ranks the
+    first k - serve.explore-slots slots by the model's ``expected`` reward (C,) corrected by each item's feedback
+    ``stats`` (posterior mean, client/bandit.py; MMR over ``vectors``) and fills the rest from the next
+    serve.explore-pool candidates. Candidates whose utility is -inf (excluded) are never listed."""
     slots = 0 if policy == "greedy" else min(serve.explore_slots, k)
     if slots:
         if stats is None:
             raise ValueError(f"policy '{policy}' needs the items' feedback statistics")
-        mean = corrected(expected.double().numpy(), stats, serve.prior_strength)
-        scores = scores + torch.from_numpy(mean).float() - expected  # the feedback-corrected utility
+        mean = torch.from_numpy(corrected(expected.double().numpy(), stats, serve.prior_strength))
+        scores = torch.where(torch.isfinite(scores), mean, -torch.inf)
     top = mmr(scores, vectors, k - slots, diversity, serve.mmr_pool)
     propensity, ranked = [1.0] * len(top), len(top)
     if slots:

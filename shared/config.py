@@ -298,6 +298,8 @@ class ServeConfig:
         if not 0.0 <= self.ab_share <= 1.0:
             _fail("serve.ab-share", self.ab_share, "must be in [0, 1]")
         learning = {self.policy, self.ab_policy or self.policy} - {"greedy"}
+        if learning and self.value_weight != 0.0:
+            _fail("serve.value-weight", self.value_weight, "applies to serve.policy = greedy only")
         if learning and not self.feedback_db:
             _fail("serve.policy", ",".join(sorted(learning)), "learns from feedback: set serve.feedback-db too")
 

@@ -37,17 +37,16 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def model_view(rec: Recommender, scenario: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(utility (U, N), expected reward (U, N), item vectors (N, H)) of every user of the scenario's log."""
+    """(utility (U, N), expected reward (U, N), item vectors (N, H)) of every user of the scenario's log,
+    as the service computes them."""
     catalog = rec.catalogs[scenario]
     weights = rec._weights(Request(scenario=scenario))
     scores, expected = [], []
     for user in catalog.scenario.users:
         vector, _ = rec._user(Request(scenario=scenario, user_id=user), catalog)
-        logits = catalog.model.head.fast_scores(vector, catalog.table, catalog.features)[0]
-        logits[:, 0] += catalog.bias
-        probs = torch.sigmoid(logits)
-        expected.append(probs @ weights)
-        scores.append(expected[-1])  # no item values in the demo: the utility is the expected reward
+        _, utility, reward = rec.scored(catalog, vector, weights)
+        scores.append(utility)
+        expected.append(reward)
     return torch.stack(scores), torch.stack(expected), catalog.table[:, : catalog.model.head.dim]
 
 

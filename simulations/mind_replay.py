@@ -46,12 +46,8 @@ def candidate_priors(rec: Recommender, scenario: str, positions: np.ndarray) -> 
     out = []
     for m in tqdm(positions, desc="scoring impressions", leave=False):
         history = catalog.scenario.sequences[log.users[m]][: log.history_lengths[m]]
-        rows = torch.from_numpy(log.candidates[m])
         user = catalog.model.user_from_vectors(catalog.table[torch.from_numpy(history[-rec.cfg.model.history :])])
-        features = tuple(f[rows] for f in catalog.features)
-        logits = catalog.model.head.fast_scores(user, catalog.table[rows], features)[0]  # type: ignore[arg-type]
-        logits[:, 0] += catalog.bias[rows]
-        out.append(torch.sigmoid(logits) @ weights)
+        out.append(rec.scored(catalog, user, weights, torch.from_numpy(log.candidates[m]))[2])
     return out
 
 

@@ -49,13 +49,14 @@ def test_posterior_matches_a_hand_computation_and_survives_a_restart(tmp_path):
     np.testing.assert_allclose(stats.shown, [2, 2, 1, 0])
     np.testing.assert_allclose(stats.reward, [1.5, 0.3, 0.0, 0.0])
     np.testing.assert_allclose(stats.expected, [0.6, 0.15, 0.3, 0.0])
-    assert stats.total_expected == pytest.approx(1.05)
+    assert (stats.total_reward, stats.total_expected) == pytest.approx((1.8, 1.05))
+    # calibration c = (1.8 + 2) / (1.05 + 2) = 1.245902; shape = 2c + R, rate = 2 + E
     shape, rate = posterior(stats, strength=2.0)
-    np.testing.assert_allclose(shape, [3.5, 2.3, 2.0, 2.0])
+    np.testing.assert_allclose(shape, [3.991803, 2.791803, 2.491803, 2.491803], atol=1e-6)
     np.testing.assert_allclose(rate, [2.6, 2.15, 2.3, 2.0])
     p = np.array([0.3, 0.3, 0.3, 0.3])
-    np.testing.assert_allclose(corrected(p, stats, 2.0), [0.3 * 3.5 / 2.6, 0.3 * 2.3 / 2.15, 0.3 * 2 / 2.3, 0.3])
-    # UCB by hand: p x (mean + c sqrt(2 ln(1 + 1.05) / rate)); c = 1: a 0.6336, b 0.6193, never 0.6042, c 0.5776
+    np.testing.assert_allclose(corrected(p, stats, 2.0), [0.460593, 0.389554, 0.325018, 0.373770], atol=1e-6)
+    # UCB by hand: p x (mean + sqrt(2 ln(1 + 1.05) / rate)) = a 0.683520, b 0.634703, c 0.562039, never 0.627947
     picked, chance = explore(
         "ucb", p, stats, 2, np.random.default_rng(0), strength=2.0, epsilon=0.0, ucb_c=1.0, draws=1
     )
@@ -152,7 +153,9 @@ def test_propensities_sum_to_the_slots_and_are_the_chance_of_being_listed(policy
     rng = np.random.default_rng(7)
     size, slots = 12, 3
     p = np.sort(rng.uniform(0.05, 0.5, size))[::-1]
-    stats = ItemStats(rng.integers(0, 30, size).astype(float), rng.uniform(0, 3, size), rng.uniform(1, 6, size), 40.0)
+    stats = ItemStats(
+        rng.integers(0, 30, size).astype(float), rng.uniform(0, 3, size), rng.uniform(1, 6, size), 12.0, 40.0
+    )
     settings = {"strength": 2.0, "epsilon": 0.3, "ucb_c": 1.0, "draws": 2000}
     counts = np.zeros(size)
     for seed in range(4000):
