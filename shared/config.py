@@ -261,7 +261,7 @@ class ServeConfig:
     explore_slots: int = 2  # the last slots of each list that the policy fills (greedy: the model's order)
     explore_pool: int = 50  # candidates (best by utility after the list's other items) the policy chooses from
     epsilon: float = 0.1  # epsilon-greedy: chance that the slots go to random candidates of the pool
-    prior_strength: float = 2.0  # weight of the model's expectation in an item's posterior (units of reward)
+    prior_strength: float = 0.5  # weight of the model's expectation in an item's posterior (units of reward)
     ucb_c: float = 1.0  # UCB: width of the bonus
     draws: int = 200  # Thompson sampling: draws that estimate the propensities
     ab_share: float = 0.0  # A/B test: share of users (by a stable hash of the user id) served by arm B
