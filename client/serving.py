@@ -201,7 +201,7 @@ class Recommender:
             if table is not None and (table.shape != (scenario.num_items, self.dim) or bias is None):
                 table = bias = None
         if table is None or bias is None:
-            model.attach_catalog(scenario.texts)
+            model.attach_catalog(scenario.texts, names=[scenario.name])
             if private is not None:
                 load_private(model, private, scenario.item_ids)
             table, bias = model.item_table()

@@ -33,6 +33,12 @@ class LocalData:
     # user's range: a position's softmax covers its own catalog only. Empty: one catalog.
     catalogs: tuple[tuple[int, int], ...] = ()
     user_catalog: np.ndarray | None = None
+    catalog_names: tuple[str, ...] = ()  # pooled: the scenario of each catalog
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The scenario of each catalog part (one part: this scenario)."""
+        return self.catalog_names or (self.scenario.name,)
 
 
 def prepare(scenario: Scenario, cfg: Config) -> LocalData:
@@ -341,6 +347,6 @@ def build_model(cfg: Config, data: LocalData) -> RecModel:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     model = RecModel(cfg)
-    model.attach_catalog(data.scenario.texts, data.catalogs)
+    model.attach_catalog(data.scenario.texts, data.catalogs, data.part_names)
     model.eval()
     return model

@@ -18,7 +18,7 @@ from typing import Any
 
 # model keys added after checkpoints were first written: left out of the model hash while at these defaults, so
 # checkpoints written before a key existed (which had it off) still load
-LATER_KEYS: dict[str, object] = {"model.item-ids": False}
+LATER_KEYS: dict[str, object] = {"model.item-ids": False, "model.text-only": ""}
 POLICIES = ("greedy", "epsilon-greedy", "ucb", "thompson")  # serve.policy: who fills the exploration slots
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -47,6 +47,7 @@ class ModelConfig:
     item_memory: bool = True  # scenario-private per-item residual + output bias, trained locally, never sent
     memory_dropout: float = 0.75  # share of items whose private residual is dropped at each training step
     item_ids: bool = False  # with item-memory: a private ID embedding per item on the sequence encoder's input
+    text_only: str = ""  # with item-ids: scenarios whose items get no ID embedding (fresh content, e.g. news)
     text_adaptor: bool = True  # shared linear map of every text vector (identity at start), trained on the full catalog
     head_experts: int = 4  # MMoE experts shared by the non-ranking objectives
     head_hidden: int = 64  # width of the MMoE's projections and experts
@@ -70,6 +71,10 @@ class ModelConfig:
             _fail("model.objectives", self.objectives, "needs distinct comma-separated names")
         if not self.encoder:
             _fail("model.encoder", self.encoder, "must name a model")
+
+    def ids_for(self, scenario: str) -> bool:
+        """Whether the items of ``scenario`` get private ID embeddings."""
+        return self.item_ids and scenario not in _names(self.text_only)
 
     @property
     def objective_names(self) -> tuple[str, ...]:

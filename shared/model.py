@@ -237,7 +237,7 @@ class ItemMemory(nn.Module):
     bias, both zero at start (text alone), and (``ids`` > 0) an ID embedding that many wide, N(0, 0.02) at
     start as SASRec's. They are trained locally and never leave the client."""
 
-    def __init__(self, num_items: int, dim: int, ids: int = 0) -> None:
+    def __init__(self, num_items: int, dim: int, ids: int = 0, with_ids: torch.Tensor | None = None) -> None:
         super().__init__()
         self.residual = nn.Embedding(num_items, dim)
         self.bias = nn.Embedding(num_items, 1)
@@ -246,6 +246,14 @@ class ItemMemory(nn.Module):
         self.ids = nn.Embedding(num_items, ids) if ids else None
         if self.ids is not None:
             nn.init.normal_(self.ids.weight, std=0.02)
+        # (N, 1) 1 for items that use their ID embedding (``with_ids``; default all), 0: a zero ID part
+        mask = torch.ones(num_items, 1) if with_ids is None else with_ids.float()[:, None]
+        self.register_buffer("id_mask", mask, persistent=False)
+
+    def id_part(self, index: torch.Tensor) -> torch.Tensor:
+        """ID embeddings of items ``index`` (...) -> (..., ids); zeros for items without one."""
+        assert self.ids is not None
+        return self.ids(index) * self.id_mask[index]  # type: ignore[index]
 
 
 class MultiObjectiveHead(nn.Module):
@@ -412,11 +420,15 @@ class RecModel(nn.Module):
     def bert(self) -> PreTrainedModel:
         return cast(PreTrainedModel, self.encoder.base_model.model)
 
-    def attach_catalog(self, texts: list[str], parts: Sequence[tuple[int, int]] = ()) -> None:
+    def attach_catalog(
+        self, texts: list[str], parts: Sequence[tuple[int, int]] = (), names: Sequence[str] = ()
+    ) -> None:
         """Compute (or fetch from cache) the frozen-prefix states of a catalog's item texts; with
         ``model.item-memory`` a fresh (zero) item memory for this catalog. ``parts``: item ranges
         [lo, hi) covering the catalog (a pooled catalog's scenarios), whose prefixes are computed and
-        cached each on its own (a scenario's prefix is then shared with the pooled catalog's)."""
+        cached each on its own (a scenario's prefix is then shared with the pooled catalog's). ``names``: the
+        scenario of each part (of the whole catalog when one); with ``model.item-ids``, the items of the
+        ``model.text-only`` scenarios among them get no ID embedding."""
         if not texts:
             raise ValueError("the catalog is empty")
         ranges = list(parts) or [(0, len(texts))]
@@ -436,7 +448,10 @@ class RecModel(nn.Module):
         self._mask = masks[0] if len(masks) == 1 else torch.cat(masks)
         if self.cfg.model.item_memory:
             ids = self.cfg.model.seq_dim if self.cfg.model.item_ids else 0
-            self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size), ids)
+            with_ids = torch.ones(len(texts), dtype=torch.bool)
+            for (lo, hi), name in zip(ranges, names, strict=False):
+                with_ids[lo:hi] = self.cfg.model.ids_for(name)
+            self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size), ids, with_ids)
 
     def personal_copy(self) -> RecModel:
         """This model with its own copies of the ``fed.personal`` modules, every other module shared with it
@@ -525,7 +540,7 @@ class RecModel(nn.Module):
             vectors = vectors + residual
         vectors = F.normalize(vectors, dim=-1)
         if self.memory is not None and self.memory.ids is not None:
-            vectors = torch.cat([vectors, self.memory.ids(index)], dim=-1)
+            vectors = torch.cat([vectors, self.memory.id_part(index)], dim=-1)
         return vectors
 
     def catalog_parts(self) -> list[nn.Module]:

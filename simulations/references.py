@@ -130,7 +130,8 @@ def pool(datasets: Sequence[LocalData]) -> tuple[LocalData, list[int]]:
     users = np.concatenate([d.trainable_users + off for d, off in zip(datasets, user_offsets, strict=True)])
     catalogs = tuple((off, off + d.scenario.num_items) for d, off in zip(datasets, offsets, strict=True))
     user_catalog = np.concatenate([np.full(len(d.split.train), c) for c, d in enumerate(datasets)])
-    pooled = LocalData(scenario, split, users, sum(d.num_examples for d in datasets), catalogs, user_catalog)
+    names = tuple(d.scenario.name for d in datasets)
+    pooled = LocalData(scenario, split, users, sum(d.num_examples for d in datasets), catalogs, user_catalog, names)
     return pooled, offsets
 
 

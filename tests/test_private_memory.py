@@ -443,6 +443,31 @@ def test_item_ids_are_private_inform_the_user_and_are_never_scored(tiny_cfg, dem
     assert not torch.allclose(model.user_vectors(history, changed), users)
 
 
+def test_text_only_scenarios_get_no_id_embedding(tiny_cfg, demo_dir):
+    """``model.text-only``: the items of the scenarios it names carry a zero ID part (their users are read from
+    text alone, as without ``model.item-ids``), and their ID embeddings are never trained; other scenarios'
+    items keep theirs (also in a pooled catalog)."""
+    from client.training import train_round
+    from simulations.references import pool
+
+    cfg = with_ids(tiny_cfg)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_only="shop,news"))
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    model = build_model(cfg, data)
+    hidden = int(model.bert.config.hidden_size)
+    assert model.memory is not None and model.memory.ids is not None
+    table, _ = model.item_table()
+    assert torch.equal(table[:, hidden:], torch.zeros(model.num_items, cfg.model.seq_dim))
+    before = model.memory.ids.weight.detach().clone()
+    train_round(model, data, cfg, 1)
+    assert torch.equal(model.memory.ids.weight, before)  # no gradient reaches a masked embedding
+    pooled, offsets = pool([prepare(load_scenario(demo_dir / n), cfg) for n in ("shop", "video")])
+    both = build_model(cfg, pooled)
+    table, _ = both.item_table()
+    shop, video = table[: offsets[1], hidden:], table[offsets[1] :, hidden:]
+    assert torch.equal(shop, torch.zeros_like(shop)) and bool((video != 0).any())
+
+
 def test_item_ids_need_the_item_memory_and_a_non_private_run():
     with pytest.raises(ValueError, match="model.item-ids.*needs model.item-memory"):
         Config.from_run_config({"model.item-ids": True, "model.item-memory": False})
