@@ -115,8 +115,9 @@ def service_process(
     reload_root: str | Path | None = None,
     reload_token: str | None = None,
     run_config: str = "",
+    ab_checkpoint: str | Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """:func:`running_service` that also yields the process (to signal it)."""
+    """:func:`running_service` that also yields the process (to signal it); ``ab_checkpoint``: arm B's model."""
     port = free_port()
     command = [
         sys.executable,
@@ -135,6 +136,8 @@ def service_process(
     env = dict(os.environ)
     if run_config:
         command += ["--run-config", run_config]
+    if ab_checkpoint is not None:
+        command += ["--ab-checkpoint", str(ab_checkpoint)]
     if reload_root is not None:
         command += ["--reload-root", str(reload_root)]
         env[RELOAD_TOKEN] = reload_token or ""

@@ -189,10 +189,12 @@ def served(tmp_path_factory, tiny_encoder, demo_dir, random_checkpoint):
         cfg, model=dataclasses.replace(cfg.model, encoder=tiny_encoder, head_hidden=16, history=8)
     )
     root = tmp_path_factory.mktemp("feedback")
-    checkpoint = random_checkpoint(cfg, root / "a", 1)
+    checkpoint, other = random_checkpoint(cfg, root / "a", 1), random_checkpoint(cfg, root / "b", 2)
     db = root / "feedback.sqlite"
     settings = f"serve.feedback-db={db} serve.policy=thompson serve.ab-share=0.5 serve.ab-policy=greedy"
-    with service_process(checkpoint, [demo_dir / "video"], root / "cache", 120, run_config=settings) as (proc, url):
+    with service_process(
+        checkpoint, [demo_dir / "video"], root / "cache", 120, run_config=settings, ab_checkpoint=other
+    ) as (proc, url):
         yield {"url": url, "db": db, "proc": proc, "root": root, "checkpoint": checkpoint, "data": demo_dir / "video"}
 
 
@@ -231,6 +233,9 @@ def test_recommend_explore_and_record_feedback(served):
     a = httpx.post(served["url"] + "/recommend", json={"scenario": "video", "user_id": users["A"], "k": 10}).json()
     b = httpx.post(served["url"] + "/recommend", json={"scenario": "video", "user_id": users["B"], "k": 10}).json()
     assert (a["arm"], a["policy"], b["arm"], b["policy"]) == ("A", "thompson", "B", "greedy")
+    assert a["checkpoint"] != b["checkpoint"]  # arm B is served by --ab-checkpoint
+    again = httpx.post(served["url"] + "/recommend", json={"scenario": "video", "user_id": users["B"]}).json()
+    assert (again["arm"], again["checkpoint"]) == ("B", b["checkpoint"])  # a user stays in its arm
     assert [i["explored"] for i in a["items"]] == [False] * 8 + [True] * 2  # serve.explore-slots = 2
     assert all(i["propensity"] == 1.0 for i in a["items"][:8]) and all(0 < i["propensity"] <= 1 for i in a["items"])
     assert not any(i["explored"] for i in b["items"])
