@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from client.serving import Recommender, Request, RequestError
 from server.launch import die_with_parent, free_port, stop_tree, wait_healthy
@@ -90,20 +91,11 @@ def serve(args: argparse.Namespace) -> None:
 
 
 @contextlib.contextmanager
-def running_service(
-    checkpoint: str | Path,
-    data: Sequence[str | Path],
-    cache_dir: str | Path,
-    startup_timeout: float = 300.0,
-    reload_root: str | Path | None = None,
-    reload_token: str | None = None,
-    run_config: str = "",
-) -> Iterator[str]:
-    """``crossrec serve`` as a separate process on a free loopback port; yields its URL, stops it on exit."""
-    with service_process(
-        checkpoint, data, cache_dir, startup_timeout, reload_root, reload_token, run_config
-    ) as started:
-        yield started[1]
+def running_service(*args: Any, **kwargs: Any) -> Iterator[str]:
+    """``crossrec serve`` as a separate process on a free loopback port (the arguments of
+    :func:`service_process`); yields its URL, stops it on exit."""
+    with service_process(*args, **kwargs) as (_, url):
+        yield url
 
 
 @contextlib.contextmanager
@@ -117,7 +109,8 @@ def service_process(
     run_config: str = "",
     ab_checkpoint: str | Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """:func:`running_service` that also yields the process (to signal it); ``ab_checkpoint``: arm B's model."""
+    """``crossrec serve`` as a separate process on a free loopback port; yields (the process, its URL) and stops
+    it on exit. ``ab_checkpoint``: arm B's model."""
     port = free_port()
     command = [
         sys.executable,
