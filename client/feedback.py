@@ -118,16 +118,23 @@ class FeedbackStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"{self.path}: is a folder; serve.feedback-db names the database file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise ValueError(f"{self.path}: cannot open the feedback database ({exc})") from None
         self._lock = threading.Lock()
         try:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")  # the WAL is fsynced before a commit returns
             self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, ValueError) as exc:
             self._db.close()
+            if isinstance(exc, ValueError):
+                raise
             raise ValueError(f"{self.path}: not a crossrec feedback database ({exc})") from None
 
     def _migrate(self) -> None:

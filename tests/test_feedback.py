@@ -138,6 +138,8 @@ def test_the_store_refuses_files_that_are_not_its_own(tmp_path):
     garbage.write_bytes(b"not a database" * 100)
     with pytest.raises(ValueError, match="not a crossrec feedback database"):
         FeedbackStore(garbage)
+    with pytest.raises(ValueError, match="is a folder"):
+        FeedbackStore(tmp_path)
     newer = tmp_path / "newer.sqlite"
     FeedbackStore(newer).close()
     with sqlite3.connect(newer) as db:
