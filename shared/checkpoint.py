@@ -12,7 +12,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .config import DEFAULT_ENCODER, Config
+from .config import DEFAULT_ENCODER, LATER_KEYS, Config
 from .files import atomic_folder
 from .metrics import select_rounds
 from .model import PRIVATE_PREFIX
@@ -62,7 +62,7 @@ def load_checkpoint(folder: str | Path, cfg: Config) -> tuple[int, dict[str, np.
     if not meta_path.is_file() or not weights_path.is_file():
         raise ValueError(f"run.resume = '{folder}': not a checkpoint folder (needs {META_FILE} and {WEIGHTS_FILE})")
     meta = read_meta(folder)
-    if meta.get("model_hash") not in (cfg.model_hash(), cfg.model_hash(later_keys=True)):
+    if meta.get("model_hash") not in (cfg.model_hash(), cfg.model_hash(hashed_then=("model.item-ids",))):
         raise ValueError(
             f"run.resume = '{folder}': checkpoint was written for a different model.*/lora.*/fed.aggregation config "
             f"(hash {meta.get('model_hash')} vs {cfg.model_hash()})"
@@ -128,7 +128,7 @@ def read_adapter(folder: Path) -> tuple[Config, int, dict[str, np.ndarray]]:
         meta = json.loads((folder / ADAPTER_META).read_text())
         weights = load_file(str(folder / ADAPTER_HEAD))
         lora = load_file(str(folder / PEFT_WEIGHTS))
-        cfg = Config.from_run_config(meta["config"])
+        cfg = Config.from_run_config({**LATER_KEYS, **meta["config"]})
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ValueError(f"{folder}: not a readable crossrec adapter export ({exc})") from None
     for key, value in lora.items():  # peft's file names drop the adapter name ("default")
@@ -167,7 +167,7 @@ def read_checkpoint(path: str | Path) -> tuple[Config, Path, dict[str, np.ndarra
         raise ValueError(f"{path}: neither a checkpoint folder, an adapter export nor a run folder with checkpoints")
     if folder != path:
         log.info("%s: the round chosen on validation, %s", path, folder.name)
-    cfg = Config.from_run_config(read_meta(folder)["config"])
+    cfg = Config.from_run_config({**LATER_KEYS, **read_meta(folder)["config"]})
     _, weights, _ = load_checkpoint(folder, cfg)
     return cfg, folder, weights
 

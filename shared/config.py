@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-# model keys added after checkpoints were first written: left out of the model hash while at these defaults, so
-# checkpoints written before a key existed (which had it off) still load
+# model keys added after checkpoints were first written, with the value a config had before the key existed:
+# left out of the model hash at that value, and filled in with it when a checkpoint's config lacks the key, so
+# checkpoints written before a key existed still load as what they were
 LATER_KEYS: dict[str, object] = {"model.item-ids": False, "model.text-only": ""}
 POLICIES = ("greedy", "epsilon-greedy", "ucb", "thompson")  # serve.policy: who fills the exploration slots
 
@@ -359,13 +360,14 @@ class Config:
                 flat[f"{section.name}.{f.name.replace('_', '-')}"] = getattr(getattr(self, section.name), f.name)
         return flat
 
-    def model_hash(self, later_keys: bool = False) -> str:
+    def model_hash(self, hashed_then: tuple[str, ...] = ()) -> str:
         """Hash of everything that fixes the shared weights' names and shapes (``fed.aggregation``: which are sent).
-        ``later_keys``: with the LATER_KEYS at their defaults too (as checkpoints of 2026-11-29 were hashed)."""
+        LATER_KEYS at their earlier values are left out, except those in ``hashed_then`` (the hash of a checkpoint
+        written while those keys were hashed at any value: ``("model.item-ids",)`` on 2026-11-29)."""
         keys = {
             k: v
             for k, v in self.to_flat().items()
-            if k.startswith(("model.", "lora.")) and (later_keys or not (k in LATER_KEYS and LATER_KEYS[k] == v))
+            if k.startswith(("model.", "lora.")) and (k in hashed_then or not (k in LATER_KEYS and LATER_KEYS[k] == v))
         }
         if self.fed.aggregation != "fedavg":  # fedavg sends every adapter weight (and keeps older hashes)
             keys["fed.aggregation"] = self.fed.aggregation
