@@ -4,7 +4,7 @@
    folder under ``RUN/data/`` with its validating loader (nothing is written into the data directory);
 2. runs the references: ``federated`` (the real Flower simulation, one SuperNode per scenario, as in
    :mod:`simulations.simulate`), ``federated-epsX`` for each ``--epsilons`` value (the same with
-   ``privacy.epsilon=X``), ``zero_shot``, ``popularity``, ``local`` and ``centralized``
+   ``privacy.epsilon=X`` and no ID embeddings), ``zero_shot``, ``popularity``, ``local`` and ``centralized``
    (:mod:`simulations.references`);
 3. selects rounds on validation only, writes ``summary.json`` (``scenarios.NAME.REFERENCE.METRIC``, test
    split, plus ``wall_seconds`` per reference), ``report.md``, ``plots/*.png`` and ``metrics.jsonl``, and
@@ -66,7 +66,7 @@ KNOWN = {
 }
 DEFAULT_SCENARIOS = "movies,ecommerce,news"
 # Chosen so that the whole default benchmark (five references, three scenarios) fits in an hour on 2 CPU cores.
-DEFAULT_RUN_CONFIG = {
+DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "model.max-length": 32,
     "model.history": 20,
     "model.head-hidden": 32,
@@ -77,6 +77,10 @@ DEFAULT_RUN_CONFIG = {
     # uniform negatives: MovieLens's full softmax was the federation's long pole; Amazon (4,385) keeps the
     # full softmax, where 2,048 negatives cost validation NDCG@10 (BENCHMARKS.md, ninth run)
     "train.negatives": 5000,
+    # private ID embeddings on the sequence encoder's input for the catalogs with recurring items; MIND's
+    # candidates are fresh articles, text only (BENCHMARKS.md, eleventh run: Amazon test +0.0051, news level)
+    "model.item-ids": True,
+    "model.text-only": "news",
 }
 # SASRec settings chosen on each scenario's validation split (defaults: Amazon); MovieLens has 610 users,
 # so 256-user batches give 3 steps an epoch: 32-user batches and dropout 0.2 did best there
@@ -291,8 +295,10 @@ def benchmark(
         progress.begin(f"{reference} ({cfg.train.threads} torch threads)" if in_process else reference)
         t0, c0 = time.time(), meter.sample()
         if reference.startswith("federated"):
-            extra = (
-                {} if reference == "federated" else {"privacy.epsilon": float(reference.removeprefix("federated-eps"))}
+            epsilon = float(reference.removeprefix("federated-eps")) if reference != "federated" else 0.0
+            # under DP the item memory stays frozen, so no ID embeddings (they would stay random)
+            extra: dict[str, bool | int | float | str] = (
+                {"privacy.epsilon": epsilon, "model.item-ids": False} if epsilon else {}
             )
             fed, _ = federated_rows(run_dir / reference, {**overrides, **extra}, len(datasets), cfg.fed.rounds)
             new = [r | {"reference": reference} for r in fed]
