@@ -216,7 +216,7 @@ def to_event(body: FeedbackEvent, number: int, rec: Recommender) -> Event:
         known = sorted(rec.catalogs)
         raise RequestError(f"{where}.scenario: unknown scenario '{body.scenario}'; the service has {known}")
     shown = {s.item_id for s in body.shown}
-    unknown = sorted(shown - set(catalog.index))
+    unknown = sorted(i for i in shown if i not in catalog.index)
     if unknown:
         raise RequestError(f"{where}.shown: unknown item ids {unknown[:5]} in scenario '{body.scenario}'")
     if len(shown) != len(body.shown) or len({s.position for s in body.shown}) != len(body.shown):
