@@ -317,9 +317,10 @@ class Recommender:
         self, request: Request, policy: str | None = None, rng: np.random.Generator | None = None
     ) -> list[dict[str, object]]:
         """Top-k items: utility = weighted objective probabilities (+ value term), then MMR. With a policy other
-        than greedy (default serve.policy) the items' feedback corrects the utility (client/bandit.py) and the
-        policy fills the list's last serve.explore-slots slots from the next serve.explore-pool candidates.
-        Each item carries its propensity (chance the policy lists it) and the model's expected reward."""
+        than greedy (default serve.policy) the list is ranked by the model's expected reward corrected by the
+        items' feedback (client/bandit.py) and the policy fills its last serve.explore-slots slots from the next
+        serve.explore-pool candidates. Each item carries its propensity (chance the policy lists it) and the
+        model's expected reward (:meth:`scored`)."""
         catalog = self.catalogs.get(request.scenario)
         if catalog is None:
             raise RequestError(f"unknown scenario '{request.scenario}'; this service has {sorted(self.catalogs)}")
