@@ -17,7 +17,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +106,11 @@ class Event:
     checkpoint: str = ""
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        """Hash of the whole content (a request id sent again must carry the same)."""
+        shown = [[s.item_id, s.position, s.propensity, s.expected, s.explored] for s in self.shown]
+        outcomes = [[o.item_id, o.objective, o.value, o.time] for o in self.outcomes]
+        head = [self.request_id, self.scenario, self.user_id, self.served, self.policy, self.arm, self.checkpoint]
+        return hashlib.sha256(json.dumps([head, shown, outcomes]).encode()).hexdigest()
 
     def reward(self, item_id: str, weights: Mapping[str, float]) -> float:
         """The item's outcomes weighted by ``weights`` (objective -> weight, summing to 1); missing = 0."""
