@@ -104,11 +104,12 @@ def report(arms: dict[str, np.ndarray], mde: float, alpha: float = 0.05, power: 
     if missing:
         raise ValueError(f"no feedback from arm {' or '.join(missing)} yet (arms with feedback: {sorted(arms)})")
     a, b = arms["A"], arms["B"]
-    variance = float(a.var(ddof=1) + b.var(ddof=1)) if min(len(a), len(b)) > 1 else 0.0
+    verdict = msprt(a, b, mde, alpha)  # refuses an arm with fewer than 2 impressions
+    variance = float(a.var(ddof=1) + b.var(ddof=1))
     return Report(
         impressions={name: len(v) for name, v in sorted(arms.items())},
         means={name: float(v.mean()) for name, v in sorted(arms.items())},
-        verdict=msprt(a, b, mde, alpha),
+        verdict=verdict,
         alpha=alpha,
         mde=mde,
         planned_per_arm=planned_size(variance, mde, alpha, power) if variance > 0 else None,

@@ -166,9 +166,9 @@ class FeedbackStore:
     def version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
-    def record(self, events: Sequence[Event], weights: Mapping[str, Mapping[str, float]]) -> list[bool]:
+    def record(self, events: Sequence[Event], weights: Mapping[str, float]) -> list[bool]:
         """Store a batch in one durable transaction; per event, whether it was new (False: a duplicate).
-        ``weights``: scenario -> objective -> weight of the reward. Raises :class:`FeedbackConflict` (nothing
+        ``weights``: objective -> weight of the reward (summing to 1). Raises :class:`FeedbackConflict` (nothing
         stored) when a request id is already stored with other content or repeats within the batch."""
         ids = [e.request_id for e in events]
         if len(set(ids)) != len(ids):
@@ -184,7 +184,7 @@ class FeedbackStore:
                         raise FeedbackConflict(f"request_id {event.request_id!r} is already stored with other content")
                     new.append(False)
                     continue
-                self._insert(event, weights[event.scenario])
+                self._insert(event, weights)
                 new.append(True)
         return new
 

@@ -324,7 +324,7 @@ def create_app(
             try:
                 events = [to_event(e, n, rec) for n, e in enumerate(body.events)]
                 weights = rec.reward_weights()
-                fresh = feedback.record(events, {name: weights for name in rec.catalogs})
+                fresh = feedback.record(events, weights)
             except RequestError as exc:
                 raise HTTPException(status_code=400, detail=str(exc)) from None
             except FeedbackConflict as exc:
@@ -332,7 +332,7 @@ def create_app(
             except sqlite3.Error as exc:
                 raise HTTPException(status_code=503, detail=f"feedback not stored: {exc}") from None
             for event in (e for e, new in zip(events, fresh, strict=True) if new):
-                for served in {id(r): r for r in (rec, arm_b) if r is not None}.values():
+                for served in (r for r in (rec, arm_b) if r is not None):  # each keeps its own copy of the totals
                     catalog = served.catalogs[event.scenario]
                     assert catalog.stats is not None
                     for s in event.shown:

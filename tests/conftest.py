@@ -51,6 +51,15 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def service_cfg(tiny_encoder: str) -> Config:
+    """Default config on the tiny encoder with a narrow head: what the service tests serve."""
+    cfg = Config()
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, encoder=tiny_encoder, head_hidden=16, history=8)
+    )
+
+
+@pytest.fixture(scope="session")
 def random_checkpoint():
     """``make(cfg, folder, seed)``: a checkpoint of a model with random adapters and head (a non-trivial model)."""
     import torch

@@ -1,6 +1,5 @@
 """Feedback, exploration policies and A/B assignment: the store, the bandit by hand, and a real service."""
 
-import dataclasses
 import math
 import os
 import signal
@@ -16,11 +15,11 @@ import pytest
 from client.bandit import ItemStats, corrected, explore, posterior
 from client.feedback import Event, FeedbackConflict, FeedbackStore, Outcome, Shown, ingest
 from client.service import arm_of
-from shared.config import POLICIES, Config
+from shared.config import POLICIES
 from simulations.serving_cli import service_process
 
 SERVICE = [pytest.mark.serving, pytest.mark.xdist_group("feedback")]  # the service tests share one process
-WEIGHTS = {"video": {"engagement": 0.5, "satisfaction": 0.5}}
+WEIGHTS = {"engagement": 0.5, "satisfaction": 0.5}
 
 
 def event(request_id, shown, outcomes=(), user="u1"):
@@ -119,7 +118,7 @@ def test_ingest_turns_engagements_into_canonical_interactions_exactly_once(tmp_p
     text = (folder / "interactions.jsonl").read_bytes()
     other = tmp_path / "data" / "shop"
     ghost = Event("r5", "shop", "u", 1.0, (Shown("ghost", 0, 1.0, 0.1),), (Outcome("ghost", "engagement", 1.0, 2.0),))
-    store.record([ghost], {"shop": {"engagement": 1.0}})
+    store.record([ghost], {"engagement": 1.0})
     with pytest.raises(DataError, match="item 'ghost', which is not in"):
         ingest(store, other)
     assert (folder / "interactions.jsonl").read_bytes() == text
@@ -185,11 +184,8 @@ def test_ab_assignment_is_stable_and_splits_at_the_share():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_encoder, demo_dir, random_checkpoint):
-    cfg = Config()
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, encoder=tiny_encoder, head_hidden=16, history=8)
-    )
+def served(tmp_path_factory, service_cfg, demo_dir, random_checkpoint):
+    cfg = service_cfg
     root = tmp_path_factory.mktemp("feedback")
     checkpoint, other = random_checkpoint(cfg, root / "a", 1), random_checkpoint(cfg, root / "b", 2)
     db = root / "feedback.sqlite"

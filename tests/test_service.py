@@ -15,15 +15,8 @@ pytestmark = [pytest.mark.serving, pytest.mark.xdist_group("service")]  # one se
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_encoder, demo_dir, random_checkpoint):
-    import dataclasses
-
-    from shared.config import Config
-
-    cfg = Config()
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, encoder=tiny_encoder, head_hidden=16, history=8)
-    )
+def service(tmp_path_factory, service_cfg, demo_dir, random_checkpoint):
+    cfg = service_cfg
     root = tmp_path_factory.mktemp("serve")
     first, second = random_checkpoint(cfg, root / "a", 1), random_checkpoint(cfg, root / "b", 2)
     data = [demo_dir / "video", demo_dir / "news"]
