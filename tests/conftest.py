@@ -12,6 +12,16 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from shared.config import Config
 from shared.demo import BAD, DEMO_SCENARIOS, GENERIC, GOOD, TOPICS, write_demo_federation
 
+# `make test` hands each module to one of two workers as a whole (`--dist loadfile`: a module's shared
+# federation or service starts once) in collection order (`--no-loadscope-reorder`): the modules that take
+# minutes go first, so the two workers finish close together
+SLOW_FIRST = ("test_deployment.py", "test_simulation.py", "test_benchmark.py", "test_privacy.py", "test_loaders.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within a module
+
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -79,9 +89,9 @@ def random_checkpoint():
     return make
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def tiny_cfg(tiny_encoder: str) -> Config:
-    """Default config on the tiny encoder, with short rounds."""
+    """Default config on the tiny encoder, with short rounds (frozen: tests derive theirs with replace)."""
     cfg = Config()
     return dataclasses.replace(
         cfg,

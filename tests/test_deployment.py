@@ -35,7 +35,6 @@ SCENARIOS = ("shop", "news")  # every round's cost grows with the daemons: two, 
 NEWCOMER = "books"  # a fourth organisation, admitted while the federation runs (its log: the shop's, renamed)
 RUN_TIMEOUT = 900.0  # seconds a run may take on a loaded 2-core machine before the test fails
 TOLERANCE = 1e-5  # max |difference| between resumed and uninterrupted final weights (fp32, sums in reply order)
-pytestmark = pytest.mark.xdist_group("deployment")  # one federation per module: its tests share a worker
 
 
 def run_overrides(cfg: Config, **extra: bool | int | float | str) -> dict[str, bool | int | float | str]:

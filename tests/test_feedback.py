@@ -18,7 +18,6 @@ from client.service import arm_of
 from shared.config import POLICIES
 from simulations.serving_cli import service_process
 
-SERVICE = [pytest.mark.serving, pytest.mark.xdist_group("feedback")]  # the service tests share one process
 WEIGHTS = {"engagement": 0.5, "satisfaction": 0.5}
 
 
@@ -222,8 +221,7 @@ def count(db):
         return conn.execute("SELECT count(*) FROM impressions").fetchone()[0]
 
 
-@SERVICE[0]
-@SERVICE[1]
+@pytest.mark.serving
 def test_recommend_explore_and_record_feedback(served):
     users = {"A": None, "B": None}
     for n in range(40):
@@ -249,8 +247,7 @@ def test_recommend_explore_and_record_feedback(served):
     assert count(served["db"]) == before + 1
 
 
-@SERVICE[0]
-@SERVICE[1]
+@pytest.mark.serving
 @pytest.mark.parametrize(
     ("change", "status", "message"),
     [
@@ -284,8 +281,7 @@ def test_bad_feedback_gets_4xx_and_stores_nothing_of_its_batch(served, change, s
     assert count(served["db"]) == before  # the good event of the batch is not stored either
 
 
-@SERVICE[0]
-@SERVICE[1]
+@pytest.mark.serving
 def test_feedback_acknowledged_before_a_sigkill_is_never_lost(tmp_path, served):
     """A real service killed with SIGKILL in the middle of a burst of feedback from four clients: every event
     it acknowledged is in the database when it is opened again."""

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from client.serving import Recommender, Request, cache_name
 from simulations.serving_cli import running_service
 
-pytestmark = [pytest.mark.serving, pytest.mark.xdist_group("service")]  # one service per module
+pytestmark = pytest.mark.serving
 
 
 @pytest.fixture(scope="module")

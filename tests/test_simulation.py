@@ -32,12 +32,17 @@ def flower_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
-def test_simulation_end_to_end_then_resume_from_round_1(tiny_cfg, tmp_path):
-    runs = tmp_path / "runs"
-    first = simulate(overrides(tiny_cfg, **{"fed.rounds": 2}), runs_dir=str(runs))
+@pytest.fixture(scope="module")
+def first(tiny_cfg, tmp_path_factory):
+    """A finished two-round simulation on the demo data: the main job's run folder (tests only read it)."""
+    runs = tmp_path_factory.mktemp("runs")
+    run = simulate(overrides(tiny_cfg, **{"fed.rounds": 2}), runs_dir=str(runs))
+    assert (runs / "latest").resolve() == run
+    return run
 
+
+def test_simulation_end_to_end_then_resume_from_round_1(first, tiny_cfg, tmp_path):
     # outputs of the main job
-    assert (runs / "latest").resolve() == first
     summary = json.loads((first / "summary.json").read_text())
     assert set(summary["scenarios"]) == {"shop", "video", "news"}
     for refs in summary["scenarios"].values():
@@ -85,7 +90,7 @@ def test_simulation_end_to_end_then_resume_from_round_1(tiny_cfg, tmp_path):
     # resume from the round-1 checkpoint: only round 2 runs, and it reproduces the uninterrupted round 2
     resumed = simulate(
         overrides(tiny_cfg, **{"fed.rounds": 2, "run.resume": str(first / "checkpoints/round-0001")}),
-        runs_dir=str(runs),
+        runs_dir=str(tmp_path / "runs"),
     )
     rows2 = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert {r["round"] for r in rows2 if r["reference"] == "federated"} == {2}
@@ -151,7 +156,7 @@ def test_a_stopped_job_leaves_no_process_behind(tiny_cfg, tmp_path, kind):
                 p.kill()
 
 
-def test_a_new_scenario_is_checked_judged_and_joins_a_resumed_federation(tiny_cfg, tmp_path, capsys):
+def test_a_new_scenario_is_checked_judged_and_joins_a_resumed_federation(first, tiny_cfg, tmp_path, capsys):
     """An organisation brings its own canonical folder: `check-data` accepts it, `evaluate` judges the
     current global checkpoint on it from text alone (it has no private memory yet), and it joins the
     federation when the simulation resumes from the latest checkpoint with its folder added."""
@@ -159,8 +164,6 @@ def test_a_new_scenario_is_checked_judged_and_joins_a_resumed_federation(tiny_cf
 
     from simulations.cli import main
 
-    runs = tmp_path / "runs"
-    first = simulate(overrides(tiny_cfg, **{"fed.rounds": 1}), runs_dir=str(runs))
     data = tmp_path / "data"
     shutil.copytree(first / "data", data)
     shutil.copytree(data / "shop", data / "books")  # the newcomer's own log (the shop generator's, renamed)
@@ -171,21 +174,22 @@ def test_a_new_scenario_is_checked_judged_and_joins_a_resumed_federation(tiny_cf
     out = tmp_path / "books.json"
     assert main(["evaluate", "--checkpoint", str(first), "--data", str(data / "books"), "--json", str(out)]) == 0
     judged = json.loads(out.read_text())
-    assert judged["round"] == 1 and judged["private_memory"] == {"books": None}
+    chosen = json.loads((first / "summary.json").read_text())["selected_round"]["shop"]["federated"]
+    assert judged["round"] == chosen and judged["private_memory"] == {"books": None}
     assert 0 <= judged["scenarios"]["books"]["checkpoint"]["ndcg@10"] <= 1
 
     settings = {
-        "fed.rounds": 2,
+        "fed.rounds": 3,
         "fed.min-clients": 4,
         "data.scenarios": "shop,video,news,books",
-        "run.resume": str(first / "checkpoints/round-0001"),
+        "run.resume": str(first / "checkpoints/round-0002"),
     }
-    joined = simulate(overrides(tiny_cfg, **settings), data=str(data), runs_dir=str(runs))
+    joined = simulate(overrides(tiny_cfg, **settings), data=str(data), runs_dir=str(tmp_path / "runs"))
     rows = [json.loads(line) for line in (joined / "metrics.jsonl").read_text().splitlines()]
     assert {(r["round"], r["scenario"]) for r in rows if r["reference"] == "federated"} == {
-        (2, s) for s in ("shop", "video", "news", "books")
+        (3, s) for s in ("shop", "video", "news", "books")
     }
-    meta = json.loads((joined / "checkpoints/round-0002/meta.json").read_text())
+    meta = json.loads((joined / "checkpoints/round-0003/meta.json").read_text())
     assert {d["scenario"] for d in meta["aggregation"]} == {"shop", "video", "news", "books"}
     assert (joined / "clients/books/private.safetensors").is_file()  # the newcomer now has its own memory
     assert not flower_processes(str(joined))
