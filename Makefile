@@ -16,9 +16,10 @@ run: $(STAMP)
 	$(BIN)/crossrec simulate $(ARGS)
 
 # two workers: the deployment and simulation tests mostly wait on processes, so the other tests run beside
-# them; a module is one unit of work (its shared federation or service starts once), slowest first (conftest)
+# them; a module is one unit of work (its shared federation or service starts once), slowest first (conftest);
+# one torch thread per process: the two workers and their processes already fill the cores
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # the edit-test loop: unit tests only (no Flower runs, no real MiniLM, no services, no public data)
 test-fast: $(STAMP)
