@@ -93,6 +93,8 @@ GOALS = (
     ("ecommerce", "federated", "hr@10", 0.1211, "VQ-Rec Recall@10"),
     ("news", "federated", "auc", 0.668, "NAML AUC (full MIND-small)"),
 )
+# private federation at epsilon -> share of the non-private federation's primary metric to keep
+PRIVATE_GOALS = {8.0: 0.90, 4.0: 0.80}
 
 
 def parse_sources(text: str) -> list[Source]:
@@ -228,6 +230,11 @@ def goal_notes(result: dict[str, Any]) -> list[str]:
             paired = f", paired {p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p else ", no paired interval"
             outcome = "met" if p is not None and verdict(p) == "better" else "missed"
             notes.append(f"{name}: federated {metric} {fed:.4f} vs local {loc:.4f}{paired}: {outcome}")
+        for reference in (r for r in refs if r.startswith("federated-eps") and "federated" in refs):
+            ratio = refs[reference][metric] / refs["federated"][metric]
+            goal = PRIVATE_GOALS.get(float(reference.removeprefix("federated-eps")))
+            outcome = "" if goal is None else f" (goal >= {goal:.2f}): {'met' if ratio >= goal else 'missed'}"
+            notes.append(f"{name}: {reference} {metric} = {ratio:.3f} x federated{outcome}")
     fed_vs_central = [
         refs["federated"]["auc" if "auc" in refs["federated"] else "ndcg@10"]
         / refs["centralized"]["auc" if "auc" in refs["federated"] else "ndcg@10"]
@@ -260,6 +267,11 @@ def benchmark(
     unknown = [r for r in references if r not in REFERENCES]
     if unknown:
         raise ValueError(f"unknown references {unknown} (known: {', '.join(REFERENCES)})")
+    wanted = [r for r in REFERENCES if r in references]
+    at = wanted.index("federated") + 1 if "federated" in wanted else 0  # the private runs follow the plain one
+    wanted[at:at] = [f"federated-eps{e:g}" for e in epsilons]
+    if not wanted:
+        raise ValueError("nothing to run: name references (--references) or private runs (--epsilons)")
     sources = parse_sources(scenarios)
     data_root, run_dir, overrides, cfg = plan_run("benchmark", data, sources, run_config, runs_dir)
     data_dir = run_dir / "data"
@@ -269,11 +281,6 @@ def benchmark(
     alone = with_threads(cfg, cfg.train.threads or torch.get_num_threads())
     beside = with_threads(cfg, cfg.train.threads or 1)
     run_dir.mkdir(parents=True, exist_ok=False)
-    wanted = [r for r in REFERENCES if r in references]
-    if "federated" in wanted:
-        wanted[wanted.index("federated") + 1 : wanted.index("federated") + 1] = [
-            f"federated-eps{e:g}" for e in epsilons
-        ]
     progress = Progress(1 + len(wanted))
     progress.begin(f"converting {len(sources)} scenarios from {data_root} into {data_dir}")
     convert(sources, data_root, data_dir, lenient=cfg.data.lenient)
