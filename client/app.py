@@ -136,8 +136,9 @@ def keep_private(model: RecModel, path: Path | None, cfg: Config, data: LocalDat
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the global weights and this client's private state, train locally (DP-SGD when
-    privacy.epsilon > 0), keep the private state on disk and reply with the shared weights only; a
-    client whose privacy budget would be exceeded refuses and says why."""
+    privacy.epsilon > 0), keep the private state on disk and reply with the shared weights only (and the
+    round's training statistics; under DP only the epsilon and delta spent); a client whose privacy budget
+    would be exceeded refuses and says why."""
     cfg, data = setup(context)
     server_round = cast(int, msg.content.config_records[CONFIG]["server-round"])
     path = private_path(cfg, context, data)
@@ -161,7 +162,10 @@ def train(msg: Message, context: Context) -> Message:
     ledger.save(ledger_file)  # before the weights leave: a crash after this over-counts, never under-counts
     keep_private(model, path, cfg, data, server_round)  # personal modules trained under DP: their own copy
     spent = {"privacy.epsilon": ledger.epsilon(), "privacy.delta": ledger.delta}
-    return _reply(msg, data, {**stats, **spent}, with_weights=model)
+    # the round's losses and counts are computed on the sampled users' data outside DP-SGD: they stay in
+    # this client's log, and the reply carries the noised weights and the ledger's figures only
+    log.info("%s round %d (not sent): %s", data.scenario.name, server_round, json.dumps(stats))
+    return _reply(msg, data, spent, with_weights=model)
 
 
 @app.evaluate()

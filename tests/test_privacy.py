@@ -20,7 +20,7 @@ from server.strategy import CrossrecFedAvg, expected_from
 from shared.config import Config
 from shared.data import load_scenario
 from shared.model import PRIVATE_PREFIX
-from shared.records import ARRAYS, CONFIG, INFO, METRICS, PRIVACY_SPENT, shared_parameters, to_arrayrecord
+from shared.records import ARRAYS, CONFIG, INFO, METRICS, NUM_EXAMPLES, PRIVACY_SPENT, shared_parameters, to_arrayrecord
 
 pytestmark = pytest.mark.privacy
 
@@ -364,7 +364,8 @@ def test_private_flower_simulation_reports_epsilon_per_scenario(tiny_cfg, tmp_pa
     assert set(meta["privacy"]) == {"shop", "video", "news"}
     assert all(0 < p["epsilon"] < summary["privacy"][n]["epsilon"] for n, p in meta["privacy"].items())
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all("privacy.epsilon" in r["train"] for r in rows if r["reference"] == "federated")
+    for row in (r for r in rows if r["reference"] == "federated"):  # nothing computed outside DP-SGD is sent
+        assert set(row["train"]) == {"privacy.epsilon", "privacy.delta", NUM_EXAMPLES}, row["train"]
 
 
 def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cfg, demo_dir):
@@ -379,13 +380,34 @@ def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cf
     assert model.memory is not None
     for part in model.catalog_parts():  # as train_round does under DP: memory and text adaptor frozen
         part.requires_grad_(False)
-    with pytest.raises(RuntimeError, match="left trainable weights unchanged: .*lora_A"):
+    with pytest.raises(RuntimeError, match="left trainable weights without a noised gradient: .*lora_A"):
         with DPSGD(ledger, 360).attached(model, optimizer) as dp_optimizer:
             rng = np.random.default_rng(0)
             batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
             model.train()
             loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
             DPSGD.step(dp_optimizer, model)
+
+
+def test_a_weight_whose_dp_step_is_below_its_float_spacing_is_not_mistaken_for_a_lost_one(tiny_cfg, demo_dir):
+    """The head's similarity scale is one large scalar: an Adam step can leave its float32 value as it was.
+    That is a step taken, not a weight DP-SGD lost track of."""
+    cfg = private(tiny_cfg)
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    model = build_model(cfg, data)
+    for part in model.catalog_parts():
+        part.requires_grad_(False)
+    torch.nn.init.constant_(model.head.similarity.weight, 1e8)  # float32 spacing there: 8, far above lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    with DPSGD(plan(cfg, "shop", 360, 360), 360).attached(
+        model, torch.optim.AdamW(params, lr=1e-3, weight_decay=0)
+    ) as dp:
+        rng = np.random.default_rng(0)
+        batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
+        model.train()
+        loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
+        DPSGD.step(dp, model)
+    assert float(model.head.similarity.weight) == 1e8 and model.head.similarity.weight.grad is not None
 
 
 def test_a_ledger_behind_the_servers_record_refuses_to_train(tiny_cfg, demo_dir, tmp_path, caplog):
