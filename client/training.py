@@ -270,12 +270,18 @@ def train_round(
 ) -> dict[str, float]:
     """``train.local-steps`` optimiser steps on sequences (loss at every position): plain ones, or (when
     ``privacy`` is given) DP-SGD steps on per-user losses, with :meth:`RecModel.catalog_parts` (item
-    memory, text adaptor) frozen. The text table is refreshed at round start and every ``train.table-refresh`` steps.
+    memory, text adaptor) frozen, and the LoRA adapters too when ``train.fresh-items`` is 0. The text
+    table is refreshed at round start and every ``train.table-refresh`` steps.
     Returns the mean losses, the positions trained on and the item space's mean pairwise cosine."""
     rng = round_rng(cfg, data.scenario.name, server_round)
+    held: list[torch.nn.Parameter] = []  # trainable weights this round leaves as they are
     if privacy is not None:
-        for part in model.catalog_parts():
-            part.requires_grad_(False)
+        held = [p for part in model.catalog_parts() for p in part.parameters()]
+        if not cfg.train.fresh_items:  # no item is encoded anew, so no gradient reaches the adapters
+            held += [p for n, p in model.named_parameters() if ADAPTER_MARK in n]
+    held = [p for p in held if p.requires_grad]
+    for p in held:
+        p.requires_grad_(False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     id_prefix = PRIVATE_PREFIX + "ids."  # the private ID embeddings: at train.lr, as SASRec's (measured)
@@ -317,10 +323,10 @@ def train_round(
                     step_optimizer.step()
                 for key, value in parts.items():  # positions summed, the rest averaged over steps
                     totals[key] = totals.get(key, 0.0) + (value if key == "positions" else value / steps)
-    finally:  # a failed round leaves the model as it found it: eval mode, catalog parts trainable
+    finally:  # a failed round leaves the model as it found it: eval mode, the held weights trainable
         model.eval()
-        for part in model.catalog_parts():
-            part.requires_grad_(True)
+        for p in held:
+            p.requires_grad_(True)
     totals["positions_per_second"] = totals.get("positions", 0.0) / (time.perf_counter() - started)
     totals["item_cosine"] = item_space_cosine(model, rng)
     return totals

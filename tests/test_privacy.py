@@ -19,7 +19,7 @@ from server.rounds import initial_weights
 from server.strategy import CrossrecFedAvg, expected_from
 from shared.config import Config
 from shared.data import load_scenario
-from shared.model import PRIVATE_PREFIX
+from shared.model import ADAPTER_MARK, PRIVATE_PREFIX
 from shared.records import ARRAYS, CONFIG, INFO, METRICS, NUM_EXAMPLES, PRIVACY_SPENT, shared_parameters, to_arrayrecord
 
 pytestmark = pytest.mark.privacy
@@ -387,6 +387,23 @@ def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cf
             model.train()
             loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
             DPSGD.step(dp_optimizer, model)
+
+
+def test_dp_without_fresh_items_holds_the_adapters_and_gives_them_back(tiny_cfg, demo_dir):
+    """train.fresh-items = 0 under DP: no item is encoded anew, so the LoRA adapters get no gradient; the round
+    holds them (and the catalog parts) instead of failing, trains the rest, and leaves them trainable."""
+    cfg = private(tiny_cfg, fresh_items=0)
+    data = prepare(load_scenario(demo_dir / "shop"), cfg)
+    model = build_model(cfg, data)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    train_round(model, data, cfg, 1, DPSGD(plan(cfg, "shop", 360, 360), 360))
+    after = dict(model.named_parameters())
+    parts = {id(p) for part in model.catalog_parts() for p in part.parameters()}  # item memory, text adaptor
+    held = [n for n, p in after.items() if n in trainable and (ADAPTER_MARK in n or id(p) in parts)]
+    assert held and all(torch.equal(before[n], after[n]) for n in held)
+    assert all(not torch.equal(before[n], after[n]) for n in trainable - set(held))  # noise reaches every other
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
 
 
 def test_a_weight_whose_dp_step_is_below_its_float_spacing_is_not_mistaken_for_a_lost_one(tiny_cfg, demo_dir):
