@@ -157,6 +157,14 @@ def train(msg: Message, context: Context) -> Message:
     if refusal is not None:
         return _reply(msg, data, spent, refused=refusal)
     model = client_model(cfg, context, data, msg, server_round - 1)
+    if model.memory is not None and any(bool(p.detach().any()) for p in model.memory.parameters()):
+        # DP-SGD holds the memory at its start (zero): values in it were fitted to user data without DP, and
+        # every noised gradient would depend on them
+        why = (
+            f"the private item memory of scenario '{data.scenario.name}' in {path} was trained without DP: a "
+            "private round on it would not be covered by epsilon; use a state folder without it"
+        )
+        return _reply(msg, data, spent, refused=why)
     stats = train_round(model, data, cfg, server_round, DPSGD(ledger, len(data.trainable_users)))
     ledger.record(cfg.train.local_steps, server_round)
     ledger.save(ledger_file)  # before the weights leave: a crash after this over-counts, never under-counts

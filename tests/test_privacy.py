@@ -264,6 +264,19 @@ print(json.dumps(dict(out.content.metric_records["metrics"])))
 """
 
 
+def test_a_private_round_refuses_an_item_memory_trained_without_dp(tiny_cfg, demo_dir, tmp_path):
+    """A state folder whose item memory a plain round trained: DP-SGD would compute every noised gradient
+    through values fitted without DP, so the private round refuses, and no weights leave."""
+    state = tmp_path / "state"
+    train(_train_message(tiny_cfg, 1), _context(tiny_cfg, demo_dir, "video", state))  # plain: the memory moves
+    cfg = private(tiny_cfg)
+    out = train(_train_message(cfg, 2), _context(cfg, demo_dir, "video", state))
+    assert "was trained without DP" in str(out.content.config_records[INFO]["refused"])
+    assert ARRAYS not in out.content.array_records
+    fresh = train(_train_message(cfg, 1), _context(cfg, demo_dir, "video", tmp_path / "new"))  # a new state: trains
+    assert "refused" not in fresh.content.config_records[INFO] and ARRAYS in fresh.content.array_records
+
+
 def test_ledger_survives_a_process_restart_and_refuses_over_budget(tiny_cfg, demo_dir, tmp_path):
     cfg = Config.from_run_config(private(tiny_cfg).to_flat() | {"fed.rounds": 2})
     state = tmp_path / "state"
