@@ -26,7 +26,7 @@ import torch
 
 from client.evaluation import PerUser, evaluate
 from client.privacy import DPSGD, plan
-from client.training import build_model, prepare, train_round
+from client.training import LocalData, build_model, prepare, train_round
 from shared.config import Config
 from shared.data import load_scenario
 from shared.metrics import paired_bootstrap
@@ -56,16 +56,15 @@ class PlainStep(DPSGD):
         pass
 
 
-def one_round(cfg: Config, data_dir: Path, scenario: str, setting: str) -> tuple[dict[str, float], PerUser]:
+def one_round(cfg: Config, data: LocalData, setting: str) -> tuple[dict[str, float], PerUser]:
     """Train one local round in ``setting`` from the initial weights; its metrics and per-user values."""
     private = setting in ("dp", "noise0")
     epsilon = (cfg.privacy.epsilon or 8.0) if private else 0.0
     cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=epsilon))
-    data = prepare(load_scenario(data_dir / scenario), cfg)
     model = build_model(cfg, data)
     privacy: DPSGD | None = None
     if private:
-        ledger = plan(cfg, scenario, len(data.scenario.users), len(data.trainable_users))
+        ledger = plan(cfg, data.scenario.name, len(data.scenario.users), len(data.trainable_users))
         if setting == "noise0":
             ledger = dataclasses.replace(ledger, noise_multiplier=0.0)
         privacy = DPSGD(ledger, len(data.trainable_users))
@@ -97,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"run_config": flat, "scenario": args.scenario, "settings": {}}
     values: dict[str, PerUser] = {}
+    data = prepare(load_scenario(Path(args.data) / args.scenario), cfg)  # the same users for every setting
     for setting in settings:
-        metrics, values[setting] = one_round(cfg, Path(args.data), args.scenario, setting)
+        metrics, values[setting] = one_round(cfg, data, setting)
         results["settings"][setting] = metrics
         (out / "dp_round.json").write_text(json.dumps(results, indent=1) + "\n")  # keep what is done
     metric = "auc" if "valid.auc" in results["settings"]["plain"] else "ndcg@10"

@@ -389,17 +389,22 @@ def test_a_dp_step_that_leaves_a_trainable_weight_unchanged_fails_loudly(tiny_cf
     lora = [p for n, p in model.named_parameters() if "lora_A" in n]
     held = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in lora)]
     optimizer = torch.optim.AdamW(held, lr=1e-3)  # the LoRA weights are not in it
-    ledger = plan(cfg, "shop", 360, 360)
     assert model.memory is not None
-    for part in model.catalog_parts():  # as train_round does under DP: memory and text adaptor frozen
-        part.requires_grad_(False)
     with pytest.raises(RuntimeError, match="left trainable weights without a noised gradient: .*lora_A"):
-        with DPSGD(ledger, 360).attached(model, optimizer) as dp_optimizer:
-            rng = np.random.default_rng(0)
-            batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
-            model.train()
-            loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
-            DPSGD.step(dp_optimizer, model)
+        one_dp_step(model, data, cfg, optimizer)
+
+
+def one_dp_step(model, data, cfg: Config, optimizer: torch.optim.Optimizer) -> None:
+    """One DP-SGD step of ``optimizer`` on a batch of the shop's users, the catalog parts frozen as
+    train_round freezes them under DP."""
+    for part in model.catalog_parts():
+        part.requires_grad_(False)
+    with DPSGD(plan(cfg, "shop", 360, 360), 360).attached(model, optimizer) as dp_optimizer:
+        rng = np.random.default_rng(0)
+        batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
+        model.train()
+        loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
+        DPSGD.step(dp_optimizer, model)
 
 
 def test_dp_without_fresh_items_holds_the_adapters_and_gives_them_back(tiny_cfg, demo_dir):
@@ -425,18 +430,10 @@ def test_a_weight_whose_dp_step_is_below_its_float_spacing_is_not_mistaken_for_a
     cfg = private(tiny_cfg)
     data = prepare(load_scenario(demo_dir / "shop"), cfg)
     model = build_model(cfg, data)
-    for part in model.catalog_parts():
-        part.requires_grad_(False)
     torch.nn.init.constant_(model.head.similarity.weight, 1e8)  # float32 spacing there: 8, far above lr
-    params = [p for p in model.parameters() if p.requires_grad]
-    with DPSGD(plan(cfg, "shop", 360, 360), 360).attached(
-        model, torch.optim.AdamW(params, lr=1e-3, weight_decay=0)
-    ) as dp:
-        rng = np.random.default_rng(0)
-        batch = make_batch(data, cfg, sample_users(data, cfg, rng, poisson=False), model.num_items, rng)
-        model.train()
-        loss_fn(model, batch, model.text_table(), 0.5, shared=False)[0].backward()
-        DPSGD.step(dp, model)
+    parts = {id(p) for part in model.catalog_parts() for p in part.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in parts]
+    one_dp_step(model, data, cfg, torch.optim.AdamW(params, lr=1e-3, weight_decay=0))
     assert float(model.head.similarity.weight) == 1e8 and model.head.similarity.weight.grad is not None
 
 
