@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +30,29 @@ TOP_K = 10
 PerUser = dict[str, np.ndarray]  # "test.ndcg@10" -> one value per evaluated user (news: impression)
 
 
-def eval_inputs(data: LocalData, split: str, history: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(history (U, T), target (U,)) for the validation or test split of a leave-one-out scenario."""
+def eval_sequences(data: LocalData, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """(each evaluated user's whole sequence before its target, targets (U,)) for the validation or test
+    split of a leave-one-out scenario."""
     s = data.split
     if split == "valid":
-        seqs, targets = [s.train[u] for u in s.eval_users], s.valid_target
-    elif split == "test":
-        seqs = [np.append(s.train[u], s.valid_target[i]) for i, u in enumerate(s.eval_users)]
-        targets = s.test_target
-    else:
-        raise ValueError(f"unknown split {split!r}")
+        return [s.train[u] for u in s.eval_users], s.valid_target
+    if split == "test":
+        return [np.append(s.train[u], s.valid_target[i]) for i, u in enumerate(s.eval_users)], s.test_target
+    raise ValueError(f"unknown split {split!r}")
+
+
+def eval_inputs(data: LocalData, split: str, history: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(history (U, T), target (U,)) for the validation or test split of a leave-one-out scenario."""
+    seqs, targets = eval_sequences(data, split)
     return history_tensor(seqs, history), torch.as_tensor(targets, dtype=torch.long)
+
+
+def seen_mask(sequences: Sequence[np.ndarray], num_items: int) -> torch.Tensor:
+    """(U, N) bool: the items of each sequence (what each user already had: the repeat logit's items)."""
+    mask = torch.zeros(len(sequences), num_items, dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        mask[row, torch.as_tensor(seq, dtype=torch.long)] = True
+    return mask
 
 
 def impression_inputs(data: LocalData, split: str, history: int) -> tuple[torch.Tensor, list[int]]:
@@ -49,23 +62,33 @@ def impression_inputs(data: LocalData, split: str, history: int) -> tuple[torch.
     if log is None:
         raise ValueError(f"scenario '{data.scenario.name}' has no impressions")
     positions = {"valid": data.split.valid_impressions, "test": data.split.test_impressions}[split]
-    seqs = [data.scenario.sequences[log.users[m]][: log.history_lengths[m]] for m in positions]
-    return history_tensor(seqs, history), [int(m) for m in positions]
+    return history_tensor([before(data, m) for m in positions], history), [int(m) for m in positions]
+
+
+def before(data: LocalData, impression: int) -> np.ndarray:
+    """The log of an impression's user before that impression, oldest first."""
+    log = data.scenario.impressions
+    assert log is not None
+    return data.scenario.sequences[log.users[impression]][: log.history_lengths[impression]]
 
 
 @torch.no_grad()
 def score_users(
-    model: RecModel, history: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor], batch_size: int = 256
+    model: RecModel,
+    history: torch.Tensor,
+    table: tuple[torch.Tensor, torch.Tensor],
+    sequences: Sequence[np.ndarray] | None = None,
+    batch_size: int = 256,
 ) -> torch.Tensor:
-    """Ranking-objective scores (U, N) over the whole catalog; ``table`` = (item vectors, biases)."""
+    """Ranking-objective scores (U, N) over the whole catalog; ``table`` = (item vectors, biases);
+    ``sequences``: each user's whole sequence (the items its repeat logit applies to, :func:`seen_mask`)."""
     model.eval()
     vectors, bias = table
-    return torch.cat(
-        [
-            model.scores(model.user_vectors(history[s : s + batch_size], vectors), vectors, bias)
-            for s in range(0, history.shape[0], batch_size)
-        ]
-    )
+    out = []
+    for s in range(0, history.shape[0], batch_size):
+        seen = None if sequences is None else seen_mask(sequences[s : s + batch_size], len(vectors))
+        out.append(model.scores(model.user_vectors(history[s : s + batch_size], vectors), vectors, bias, seen))
+    return torch.cat(out)
 
 
 def beyond_accuracy(top: torch.Tensor, vectors: torch.Tensor, num_items: int) -> dict[str, float]:
@@ -131,7 +154,8 @@ def impression_scores(
     out = []
     for j, m in enumerate(positions):
         candidates = torch.as_tensor(log.candidates[m])
-        out.append(model.scores(users[j], vectors[candidates], bias[candidates]).numpy())
+        seen = torch.from_numpy(np.isin(log.candidates[m], before(data, m)))  # candidates the user had
+        out.append(model.scores(users[j], vectors[candidates], bias[candidates], seen).numpy())
     return out
 
 
@@ -179,8 +203,10 @@ def evaluate(
             scores = impression_scores(model, data, history, positions, table)
             metrics = impression_ranking(data, positions, scores, vectors, values)
         else:
-            history, target = eval_inputs(data, split, cfg.model.history)
-            metrics = full_ranking(score_users(model, history, table), target, vectors, values)
+            sequences, target = eval_sequences(data, split)
+            history = history_tensor(sequences, cfg.model.history)
+            ranked = score_users(model, history, table, sequences)
+            metrics = full_ranking(ranked, torch.as_tensor(target, dtype=torch.long), vectors, values)
         out |= {f"{split}.{name}": value for name, value in metrics.items()}
         if per_user is not None:
             per_user |= {f"{split}.{name}": v for name, v in values.items()}

@@ -69,6 +69,7 @@ class Catalog:
     histories: dict[str, np.ndarray]  # user id -> item rows, oldest first
     table: torch.Tensor  # (N, H) item vectors (RecModel.item_vectors: adapted text + private residual, if any)
     bias: torch.Tensor  # (N,) the scenario's private output biases (zeros without its memory)
+    repeat: torch.Tensor  # (1,) its private repeat logit: added to the items of the request's history (0 without)
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # head's per-item features
     values: torch.Tensor | None  # (N,) item values
     value_range: tuple[float, float] | None  # the catalog's known min and max value: one scale for candidates too
@@ -95,11 +96,11 @@ def cache_name(checkpoint_id: str, texts: Sequence[str], private: Path | None = 
     return f"{checkpoint_id}-{catalog_hash(texts)}{memory}.safetensors"
 
 
-def save_table(path: Path, table: torch.Tensor, bias: torch.Tensor) -> None:
-    """Write an item-vector table and its biases atomically (temp file renamed into place)."""
+def save_table(path: Path, table: torch.Tensor, bias: torch.Tensor, repeat: torch.Tensor) -> None:
+    """Write an item-vector table, its biases and the repeat logit atomically (temp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"table": table.contiguous(), "bias": bias.contiguous()}, str(tmp))
+    save_file({"table": table.contiguous(), "bias": bias.contiguous(), "repeat": repeat.contiguous()}, str(tmp))
     tmp.replace(path)
 
 
@@ -191,22 +192,23 @@ class Recommender:
         )
         model = self.model.personal_copy() if private is not None and personal else self.model
         cached = Path(cache_dir) / cache_name(self.checkpoint_id, scenario.texts, private) if cache_dir else None
-        table = bias = None
+        table = bias = repeat = None
         if cached is not None and cached.is_file():
             try:
-                stored = load_file(str(cached))
-                table, bias = stored["table"].clone(), stored["bias"].clone()  # in memory: the file may be replaced
-            except (SafetensorError, KeyError, OSError):  # unreadable: recompute and overwrite
-                table = bias = None
-            if table is not None and (table.shape != (scenario.num_items, self.dim) or bias is None):
-                table = bias = None
-        if table is None or bias is None:
+                stored = load_file(str(cached))  # in memory: the file may be replaced
+                table, bias, repeat = (stored[k].clone() for k in ("table", "bias", "repeat"))
+            except (SafetensorError, KeyError, OSError):  # unreadable (or older, without the repeat logit): recompute
+                table = bias = repeat = None
+            if table is not None and table.shape != (scenario.num_items, self.dim):
+                table = bias = repeat = None
+        if table is None or bias is None or repeat is None:
             model.attach_catalog(scenario.texts, names=[scenario.name])
             if private is not None:
                 load_private(model, private, scenario.item_ids)
             table, bias = model.item_table()
+            repeat = model.repeat_logits(torch.ones(1, dtype=torch.bool)).detach()
             if cached is not None:
-                save_table(cached, table, bias)
+                save_table(cached, table, bias, repeat)
         elif private is not None and personal:  # the table is cached; the user model is not
             load_personal(model, private)
         values = None if scenario.values is None else torch.from_numpy(scenario.values)
@@ -226,6 +228,7 @@ class Recommender:
             histories=dict(zip(scenario.users, scenario.sequences, strict=True)),
             table=table,
             bias=bias,
+            repeat=repeat,
             features=model.head.item_features(table),
             values=values,
             value_range=value_range,
@@ -292,10 +295,16 @@ class Recommender:
 
     @torch.no_grad()
     def scored(
-        self, catalog: Catalog, user: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None = None
+        self,
+        catalog: Catalog,
+        user: torch.Tensor,
+        weights: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        seen: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(objective probabilities (C, K), utility (C,), expected reward (C,)) of the catalog's items at ``rows``
         (default: all) for one user; in float64, where the ranking objective's probability near 1 keeps its order.
+        ``seen``: the catalog rows of the user's history, whose ranking logit gets the scenario's repeat logit.
 
         The ranking objective is trained with a softmax over the catalog, so its sigmoid ranks but is no
         click probability (it is near 1 for most items). The expected reward of listing an item is the model's
@@ -307,6 +316,9 @@ class Recommender:
             features = (features[0][rows], features[1][rows], features[2][rows])
         logits = catalog.model.head.fast_scores(user, table, features)[0].double()  # (C, K)
         logits[:, 0] += bias
+        if seen is not None and len(seen):
+            had = torch.from_numpy(np.isin(np.arange(len(table)) if rows is None else rows.numpy(), seen))
+            logits[:, 0] += had.double() * float(catalog.repeat)
         probs, weights = torch.sigmoid(logits), weights.double()
         scores = utility(probs, weights, values, self.cfg.serve.value_weight, catalog.value_range)
         expected = torch.softmax(logits[:, 0], dim=0) * (weights[0] + probs[:, 1:] @ weights[1:])
@@ -334,7 +346,7 @@ class Recommender:
         rows = self.candidates(
             user, catalog, self.cfg.serve.ann_candidates + (len(seen) if request.exclude_seen else 0)
         )
-        probs, scores, expected = self.scored(catalog, user, weights, rows)
+        probs, scores, expected = self.scored(catalog, user, weights, rows, seen)
         if request.exclude_seen and len(seen):
             seen_rows = torch.from_numpy(seen)
             scores[torch.isin(rows, seen_rows) if rows is not None else seen_rows] = -torch.inf

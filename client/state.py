@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from shared.config import Config
-from shared.model import PRIVATE_PREFIX, RecModel
+from shared.model import PRIVATE_PREFIX, REPEAT_NAME, RecModel
 
 PRIVATE_FILE = "private.safetensors"
 
@@ -143,10 +143,11 @@ def _read(path: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
 
 
 def _personal(model: RecModel, tensors: Mapping[str, torch.Tensor], path: Path) -> list[str]:
-    """The personal-module parameters the file holds (a file written before ``fed.personal`` named them
-    holds none: the global ones stay), each checked to have the model's exact shape."""
+    """The personal-module parameters and the repeat logit the file holds (a file written before
+    ``fed.personal`` named them holds none: the global ones stay), each checked to have the model's exact
+    shape."""
     params = dict(model.named_parameters())
-    names = [n for n in private_state(model) if not n.startswith(PRIVATE_PREFIX) and n in tensors]
+    names = [n for n in private_state(model) if (n == REPEAT_NAME or not n.startswith(PRIVATE_PREFIX)) and n in tensors]
     for name in names:
         if tensors[name].shape != params[name].shape:
             raise ValueError(
@@ -176,8 +177,9 @@ def load_private(model: RecModel, path: Path, item_ids: list[str]) -> int:
     cannot be read is an error naming it (nothing is loaded)."""
     params = dict(model.named_parameters())
     stored_ids, tensors = _read(path)
-    memory = [n for n in private_state(model) if n.startswith(PRIVATE_PREFIX)]
-    missing = sorted(n for n in memory if n not in tensors)
+    scenario = [n for n in private_state(model) if n == REPEAT_NAME]  # the scenario's, not per item
+    memory = [n for n in private_state(model) if n.startswith(PRIVATE_PREFIX) and n not in scenario]
+    missing = sorted(n for n in memory + scenario if n not in tensors)
     if missing:
         raise ValueError(f"private state {path} lacks {missing}: written by a different model")
     for name in memory:  # every check before anything is loaded

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from shared.config import Config
 from shared.data import Scenario, Split, leave_one_out
-from shared.model import ADAPTER_MARK, PRIVATE_PREFIX, RecModel, mean_pairwise_cosine
+from shared.model import ADAPTER_MARK, PRIVATE_PREFIX, REPEAT_NAME, RecModel, mean_pairwise_cosine
 
 from .privacy import DPSGD
 
@@ -124,6 +124,19 @@ class Batch:
     catalog: torch.Tensor | None = None  # (B,) each user's catalog (LocalData.catalogs) when pooled
     catalogs: tuple[tuple[int, int], ...] = ()
     negatives: tuple[torch.Tensor | None, ...] = ()  # per catalog: sampled negatives (K,), None = the whole catalog
+    # with a repeat logit: each input position's index in its user's training sequence (B, T) (padding < 0)
+    # and where each item first occurs in it (B, N) (NEVER if not): item i is seen at t iff first <= at
+    at: torch.Tensor | None = None
+    first: torch.Tensor | None = None
+
+    def seen(self) -> torch.Tensor | None:
+        """(B, T, N) bool: the items each user had up to and including each input position; None without."""
+        if self.at is None or self.first is None:
+            return None
+        return self.first[:, None, :] <= self.at[..., None]
+
+
+NEVER = np.iinfo(np.int32).max  # first occurrence of an item a user never had
 
 
 def make_batch(
@@ -141,18 +154,27 @@ def make_batch(
     with ``recent``, at its end; its labels, and ``train.fresh-items`` distinct items per user: its
     window's targets, topped up with random catalog items. ``per_user`` (DP: each user's fresh items are
     its only candidates in the fresh softmax) takes at least two, since a softmax over one has no gradient;
-    ``with_fresh=False`` takes none (a step on the item table alone)."""
+    ``with_fresh=False`` takes none (a step on the item table alone). With a repeat logit (``model.repeat-logit``
+    and ``model.item-memory``): also where each item first occurs in each user's sequence and the index of each
+    input position (:meth:`Batch.seen`)."""
     names, length = cfg.model.objective_names, cfg.model.history + 1
+    repeats = cfg.model.repeat_logit and cfg.model.item_memory
     wanted = max(cfg.train.fresh_items, 2) if per_user and cfg.train.fresh_items else cfg.train.fresh_items
     wanted = wanted if with_fresh else 0
     fresh_count = min(wanted, num_items)
     windows, fresh = [], np.zeros((len(users), fresh_count), dtype=np.int64)
     labels = np.full((len(users), length, len(names)), np.nan, dtype=np.float32)
+    at = np.full((len(users), length - 1), -1, dtype=np.int64) if repeats else None
+    first = np.full((len(users), num_items), NEVER, dtype=np.int32) if repeats else None
     for row, u in enumerate(users):
         seq = data.split.train[u]
         end = len(seq) if recent else int(rng.integers(min(length, len(seq)), len(seq) + 1))
         start = max(0, end - length)
         windows.append(seq[start:end])
+        if at is not None and first is not None:  # the window's inputs are its items but the last
+            at[row, length - (end - start) :] = np.arange(start, end - 1)
+            items, where = np.unique(seq[:end], return_index=True)
+            first[row, items] = where
         labels[row, length - (end - start) :, 0] = 1.0
         for k, name in enumerate(names[1:], start=1):
             if name in data.split.train_labels:
@@ -173,7 +195,10 @@ def make_batch(
             torch.from_numpy(lo + rng.choice(hi - lo, size=k, replace=False)) if hi - lo > k else None
             for lo, hi in (data.catalogs or ((0, num_items),))
         )
-    return Batch(seq, torch.from_numpy(labels), torch.from_numpy(fresh), catalog, data.catalogs, negatives)
+    batch = Batch(seq, torch.from_numpy(labels), torch.from_numpy(fresh), catalog, data.catalogs, negatives)
+    if at is not None and first is not None:
+        batch.at, batch.first = torch.from_numpy(at), torch.from_numpy(first)
+    return batch
 
 
 def sampled_rank_logits(
@@ -183,13 +208,17 @@ def sampled_rank_logits(
     table: torch.Tensor,
     bias: torch.Tensor,
     negatives: torch.Tensor,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ranking logits (P, 1 + K) of users (P, H) against their own target (column 0) and the shared uniform
     negatives (K,) (a negative equal to the position's target masked out). Every negative has the same
     sampling probability, so this sampled softmax needs no log-probability correction; its cross-entropy
-    with label 0 approximates the full-catalog loss (exactly it when the negatives are every item)."""
+    with label 0 approximates the full-catalog loss (exactly it when the negatives are every item).
+    ``seen`` (P, N) bool: the items each position's user already had (:meth:`RecModel.repeat_logits`)."""
     own = model.head.similarity((users * table[targets]).sum(-1, keepdim=True))[..., 0] + bias[targets]
-    others = model.scores(users, table[negatives], bias[negatives])
+    if seen is not None:
+        own = own + model.repeat_logits(seen.gather(1, targets[:, None])[:, 0])
+    others = model.scores(users, table[negatives], bias[negatives], None if seen is None else seen[:, negatives])
     others = others.masked_fill(negatives[None] == targets[:, None], float("-inf"))
     return torch.cat([own[:, None], others], dim=1)
 
@@ -218,6 +247,7 @@ def loss_fn(
     index = torch.arange(text.shape[0])
     table, bias = model.item_vectors(text, index), model.item_bias(index)  # (N, H), (N,)
     users = model.user(table[inputs.clamp(min=0)], mask)  # (B, T, H): one user vector per position
+    seen = batch.seen()  # (B, T, N) bool or None: the repeat logit's items
     catalogs = batch.catalogs or ((0, len(index)),)
     catalog = batch.catalog if batch.catalog is not None else torch.zeros(len(inputs), dtype=torch.long)
     if shared:  # the real positions only (short sequences' windows are mostly padding), each on its catalog
@@ -227,14 +257,16 @@ def loss_fn(
             if not bool(at.any()):
                 continue
             sampled = batch.negatives[c] if batch.negatives else None
+            seen_at = None if seen is None else seen[at]  # (P, N)
             if sampled is None:
-                logits, label = model.scores(users[at], table[lo:hi], bias[lo:hi]), targets[at] - lo
+                own = None if seen_at is None else seen_at[:, lo:hi]
+                logits, label = model.scores(users[at], table[lo:hi], bias[lo:hi], own), targets[at] - lo
             else:
-                logits = sampled_rank_logits(model, users[at], targets[at], table, bias, sampled)
+                logits = sampled_rank_logits(model, users[at], targets[at], table, bias, sampled, seen_at)
                 label = torch.zeros(len(logits), dtype=torch.long)
             full = full.masked_scatter(at, F.cross_entropy(logits, label, reduction="none"))
     else:  # DP: per-sample gradients need the user dimension first in every layer
-        logits = model.scores(users, table, bias).transpose(1, 2)  # (B, N, T)
+        logits = model.scores(users, table, bias, seen).transpose(1, 2)  # (B, N, T)
         first = torch.tensor([r[0] for r in catalogs])[catalog]  # (B,) each user's catalog: [first, end)
         end = torch.tensor([r[1] for r in catalogs])[catalog]
         if len(catalogs) > 1:
@@ -248,6 +280,9 @@ def loss_fn(
         ids = batch.fresh.unique()[None] if shared else batch.fresh  # (G, C), G = 1 or B
         fresh = model.item_vectors(model.encode_items(ids[0])[None] if shared else model.encode_items(ids), ids)
         logits = model.head.similarity((users @ fresh.transpose(1, 2))[..., None])[..., 0] + bias[ids][:, None]
+        if seen is not None:  # (B, T, C): whether each user had each of its candidates
+            had = seen[..., ids[0]] if shared else seen.gather(2, ids[:, None].expand_as(logits))
+            logits = logits + model.repeat_logits(had)
         hit = targets[..., None] == ids[:, None, :]  # (B, T, C)
         scored = valid & hit.any(-1)
         own = (logits.logsumexp(-1) - (logits * hit).sum(-1)) * scored  # (B, T)
@@ -286,13 +321,15 @@ def train_round(
     params = [p for _, p in named]
     id_prefix = PRIVATE_PREFIX + "ids."  # the private ID embeddings: at train.lr, as SASRec's (measured)
     ids = [p for n, p in named if n.startswith(id_prefix)]
-    memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX) and not n.startswith(id_prefix)]
+    repeat = [p for n, p in named if n == REPEAT_NAME]  # one scalar that must travel far: its own, fast rate
+    memory = [p for n, p in named if n.startswith(PRIVATE_PREFIX) and not n.startswith(id_prefix) and n != REPEAT_NAME]
     lora = [p for n, p in named if ADAPTER_MARK in n]
     rest = [p for n, p in named if not n.startswith(PRIVATE_PREFIX) and ADAPTER_MARK not in n]
     groups: list[dict[str, Any]] = [
         {"params": rest + ids},
         {"params": lora, "lr": cfg.train.lora_lr},
         {"params": memory, "lr": cfg.train.memory_lr},
+        {"params": repeat, "lr": cfg.train.repeat_lr},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     text = model.text_table()

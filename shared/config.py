@@ -19,7 +19,7 @@ from typing import Any
 # model keys added after checkpoints were first written, with the value a config had before the key existed:
 # left out of the model hash at that value, and filled in with it when a checkpoint's config lacks the key, so
 # checkpoints written before a key existed still load as what they were
-LATER_KEYS: dict[str, object] = {"model.item-ids": False, "model.text-only": ""}
+LATER_KEYS: dict[str, object] = {"model.item-ids": False, "model.text-only": "", "model.repeat-logit": False}
 POLICIES = ("greedy", "epsilon-greedy", "ucb", "thompson")  # serve.policy: who fills the exploration slots
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -49,6 +49,8 @@ class ModelConfig:
     memory_dropout: float = 0.75  # share of items whose private residual is dropped at each training step
     item_ids: bool = False  # with item-memory: a private ID embedding per item on the sequence encoder's input
     text_only: str = ""  # with item-ids: scenarios whose items get no ID embedding (fresh content, e.g. news)
+    # a private learned logit added to the items a user already had (part of the item memory: off without it)
+    repeat_logit: bool = True
     text_adaptor: bool = True  # shared linear map of every text vector (identity at start), trained on the full catalog
     head_experts: int = 4  # MMoE experts shared by the non-ranking objectives
     head_hidden: int = 64  # width of the MMoE's projections and experts
@@ -116,6 +118,7 @@ class TrainConfig:
     lr: float = 0.001
     lora_lr: float = 0.0001  # learning rate of the LoRA adapters (10x below lr: measured, BENCHMARKS.md)
     memory_lr: float = 0.0001  # learning rate of the private item memory (measured: BENCHMARKS.md)
+    repeat_lr: float = 0.05  # learning rate of the private repeat logit (one scalar that must travel far)
     weight_decay: float = 0.0
     aux_weight: float = 0.5  # weight of every non-ranking objective's loss
     seed: int = 0
@@ -128,7 +131,7 @@ class TrainConfig:
         for key in ("fresh_items", "table_refresh", "negatives", "threads"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be >= 0")
-        for key in ("lr", "lora_lr", "memory_lr"):
+        for key in ("lr", "lora_lr", "memory_lr", "repeat_lr"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 _fail(f"train.{key.replace('_', '-')}", getattr(self, key), "must be a finite number > 0")
         for key in ("weight_decay", "aux_weight"):

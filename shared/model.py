@@ -235,14 +235,19 @@ class SequenceEncoder(nn.Module):
 class ItemMemory(nn.Module):
     """Scenario-private per-item parameters: a residual added to each item's text vector and an output
     bias, both zero at start (text alone), and (``ids`` > 0) an ID embedding that many wide, N(0, 0.02) at
-    start as SASRec's. They are trained locally and never leave the client."""
+    start as SASRec's; with ``repeat``, one logit added to every item the user already had (zero at start:
+    training learns how this scenario's users repeat, e.g. never for ratings, sometimes for purchases).
+    They are trained locally and never leave the client."""
 
-    def __init__(self, num_items: int, dim: int, ids: int = 0, with_ids: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, num_items: int, dim: int, ids: int = 0, with_ids: torch.Tensor | None = None, repeat: bool = False
+    ) -> None:
         super().__init__()
         self.residual = nn.Embedding(num_items, dim)
         self.bias = nn.Embedding(num_items, 1)
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.bias.weight)
+        self.repeat = nn.Parameter(torch.zeros(1)) if repeat else None
         self.ids = nn.Embedding(num_items, ids) if ids else None
         if self.ids is not None:
             nn.init.normal_(self.ids.weight, std=0.02)
@@ -376,6 +381,7 @@ def freeze_lora_a(encoder: nn.Module, seed: int) -> None:
 
 
 PRIVATE_PREFIX = "memory."  # parameters of the scenario-private item memory: never sent
+REPEAT_NAME = PRIVATE_PREFIX + "repeat"  # its one parameter that is the scenario's, not an item's
 ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter parameter (peft's naming)
 
 
@@ -451,7 +457,8 @@ class RecModel(nn.Module):
             with_ids = torch.ones(len(texts), dtype=torch.bool)
             for (lo, hi), name in zip(ranges, names, strict=False):
                 with_ids[lo:hi] = self.cfg.model.ids_for(name)
-            self.memory = ItemMemory(len(texts), int(self.bert.config.hidden_size), ids, with_ids)
+            hidden = int(self.bert.config.hidden_size)
+            self.memory = ItemMemory(len(texts), hidden, ids, with_ids, self.cfg.model.repeat_logit)
 
     def personal_copy(self) -> RecModel:
         """This model with its own copies of the ``fed.personal`` modules, every other module shared with it
@@ -621,9 +628,20 @@ class RecModel(nn.Module):
         mask[0, length - len(recent) :] = True
         return self.user(padded, mask)[:, -1]  # type: ignore[no-any-return]
 
-    def scores(self, users: torch.Tensor, table: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Ranking logits of users (..., H) against the whole catalog (N, H) with its biases (N,) -> (..., N)."""
-        return self.head.rank(users, table) + bias  # type: ignore[no-any-return]
+    def repeat_logits(self, seen: torch.Tensor) -> torch.Tensor:
+        """The private repeat logit where ``seen`` (bool, any shape: the item is one the user already had),
+        zero elsewhere; zeros without one (``model.repeat-logit`` off, or no item memory)."""
+        if self.memory is None or self.memory.repeat is None:
+            return torch.zeros(seen.shape)
+        return seen * self.memory.repeat
+
+    def scores(
+        self, users: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, seen: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Ranking logits of users (..., H) against the whole catalog (N, H) with its biases (N,) -> (..., N);
+        ``seen`` (..., N) bool: the items each user already had (:meth:`repeat_logits`)."""
+        logits = self.head.rank(users, table) + bias
+        return logits if seen is None else logits + self.repeat_logits(seen)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Logits (B, C, K) for user vectors (B, H) against item vectors (C, H) or (B, C, H) (no item bias)."""

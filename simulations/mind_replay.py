@@ -47,7 +47,7 @@ def candidate_priors(rec: Recommender, scenario: str, positions: np.ndarray) -> 
     for m in tqdm(positions, desc="scoring impressions", leave=False):
         history = catalog.scenario.sequences[log.users[m]][: log.history_lengths[m]]
         user = catalog.model.user_from_vectors(catalog.table[torch.from_numpy(history[-rec.cfg.model.history :])])
-        out.append(rec.scored(catalog, user, weights, torch.from_numpy(log.candidates[m]))[2])
+        out.append(rec.scored(catalog, user, weights, torch.from_numpy(log.candidates[m]), history)[2])
     return out
 
 

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from client.evaluation import PerUser, eval_inputs, frozen_table, full_ranking
+from client.evaluation import PerUser, eval_inputs, eval_sequences, frozen_table, full_ranking, seen_mask
 from client.training import LocalData, history_tensor
 from shared.config import Config
+from shared.metrics import ranking_values
 from shared.model import CausalBlock
 from simulations.references import Row, evaluated
 
@@ -196,13 +197,20 @@ def score(model: SASRec, history: torch.Tensor) -> torch.Tensor:
 
 
 def measure(model: SASRec, data: LocalData, vectors: torch.Tensor, per_user: PerUser) -> dict[str, float]:
-    """Validation and test metrics (``"valid.ndcg@10"``, ...), full ranking over the whole catalog;
-    ``per_user`` gets each evaluation user's values."""
+    """Validation and test metrics (``"valid.ndcg@10"``, ...), full ranking over the whole catalog (nothing
+    masked), and beside them the same with each user's own items masked (``"valid.masked-ndcg@10"``, ...:
+    SASRec told that nobody repeats, the bound of giving it a repeat logit like crossrec's); ``per_user``
+    gets each evaluation user's values."""
     out: dict[str, float] = {}
     for split in ("valid", "test"):
         history, target = eval_inputs(data, split, model.length)
         values: PerUser = {}
-        metrics = full_ranking(score(model, history), target, vectors, values)
+        scores = score(model, history)
+        metrics = full_ranking(scores, target, vectors, values)
+        seen = seen_mask(eval_sequences(data, split)[0], scores.shape[1])
+        masked = {f"masked-{k}": v for k, v in ranking_values(scores.masked_fill(seen, -torch.inf), target).items()}
+        values |= masked
+        metrics |= {k: float(v.mean()) for k, v in masked.items()}
         out |= {f"{split}.{name}": value for name, value in metrics.items()}
         per_user |= {f"{split}.{name}": v for name, v in values.items()}
     return out

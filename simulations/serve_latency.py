@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         cache = out / f"cache-{args.vectors}"
         cache.mkdir(parents=True, exist_ok=True)
         table = item_vectors(size, dim, args.vectors)
-        save_table(cache / cache_name(weights_digest(weights), texts), table, torch.zeros(size))
+        save_table(cache / cache_name(weights_digest(weights), texts), table, torch.zeros(size), torch.zeros(1))
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             setting = {"exact": "serve.ann-min-items=0", "ann": "serve.ann-min-items=1"}[mode]
             started = time.perf_counter()

@@ -70,7 +70,7 @@ def test_only_adapters_text_adaptor_user_model_and_head_are_trainable(tiny_cfg):
     # a catalog brings the private memory: trainable, never among the shared (sent) weights
     model.attach_catalog(TEXTS)
     private = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("memory.")]
-    assert private == ["memory.residual.weight", "memory.bias.weight"]
+    assert private == ["memory.repeat", "memory.residual.weight", "memory.bias.weight"]
     assert set(trainable_state(model)) == set(names)
 
 

@@ -16,6 +16,7 @@ from test_client import context
 
 import client.app
 from client.app import train
+from client.evaluation import seen_mask
 from client.serving import Recommender, Request
 from client.state import PRIVATE_FILE, load_private, private_source, private_state, round_copy, save_private
 from client.training import LocalData, build_model, prepare
@@ -79,7 +80,7 @@ def test_memory_never_leaves_the_client_and_the_next_round_starts_from_it(tiny_c
         copy = round_copy(private, str(tmp_path / "run"), server_round)
         assert private.is_file() and copy.is_file()
         saved.append(load_file(str(private)))
-        assert saved[-1].keys() == {"memory.residual.weight", "memory.bias.weight"}
+        assert saved[-1].keys() == {"memory.residual.weight", "memory.bias.weight", "memory.repeat"}
         assert all(t.abs().sum() > 0 for t in saved[-1].values())  # it trained
         torch.testing.assert_close(load_file(str(copy)), saved[-1], rtol=0, atol=0)
         replies.append(sent)
@@ -259,6 +260,8 @@ def served_video_model(cfg: Config, demo_dir) -> tuple[RecModel, LocalData]:
         assert model.memory is not None
         model.memory.residual.weight.normal_(0, 0.5)
         model.memory.bias.weight.normal_(0, 3.0)
+        assert model.memory.repeat is not None
+        model.memory.repeat.fill_(-2.0)  # the user's own items down, as a scenario that rarely repeats learns
     return model, data
 
 
@@ -289,12 +292,16 @@ def test_serving_uses_the_private_memory_of_the_checkpoints_run(tiny_cfg, demo_d
     got = [data.scenario.item_ids.index(r["item_id"]) for r in served.recommend(request)]
     alone = [data.scenario.item_ids.index(r["item_id"]) for r in plain.recommend(request)]
     assert got != alone
-    rows = torch.from_numpy(mine.histories["video-user-0004"][-tiny_cfg.model.history :])
+    whole = mine.histories["video-user-0004"]
+    rows = torch.from_numpy(whole[-tiny_cfg.model.history :])
     with torch.no_grad():
         user = model.user_from_vectors(table[rows])  # the history read through the memory too
-        expected = torch.argsort(model.scores(user, table, bias)[0], descending=True)[:20].tolist()
-        user_text = model.user_from_vectors(text[rows])
+        had = seen_mask([whole], model.num_items)  # its own items get the private repeat logit
+        expected = torch.argsort(model.scores(user, table, bias, had)[0], descending=True)[:20].tolist()
+        without = torch.argsort(model.scores(user, table, bias)[0], descending=True)[:20].tolist()
+        user_text = model.user_from_vectors(text[rows])  # text alone: no memory, so no repeat logit either
         expected_alone = torch.argsort(model.scores(user_text, text, torch.zeros_like(bias))[0], descending=True)
+    assert expected != without  # the repeat logit changes this list: serving must apply it
     assert got == expected
     assert alone == expected_alone[:20].tolist()
 
@@ -341,7 +348,8 @@ def test_serving_uses_each_scenarios_personal_modules(tiny_cfg, demo_dir, tmp_pa
             with torch.no_grad():
                 user = model.user_from_vectors(table[rows])
                 torch.testing.assert_close(served._user(request, catalog)[0], user, rtol=0, atol=1e-6)
-                expected = torch.argsort(model.scores(user, table, bias)[0], descending=True)[:10].tolist()
+                had = seen_mask([catalog.histories[user_id]], model.num_items)
+                expected = torch.argsort(model.scores(user, table, bias, had)[0], descending=True)[:10].tolist()
             assert got == expected, name
         global_state = trainable_state(served.model)
         assert all(np.array_equal(global_state[k], weights[k]) for k in weights)

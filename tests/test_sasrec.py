@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.evaluation import load_per_user, per_user_file, popularity_metrics
+from client.evaluation import eval_sequences, load_per_user, per_user_file, popularity_metrics
 from client.training import prepare
 from shared.data import load_scenario
 from simulations.sasrec import SASRec, SASRecSettings, sasrec_rows
@@ -46,12 +46,21 @@ def test_training_beats_popularity_on_validation(shop, tiny_cfg, tmp_path):
     best = max(r["valid"]["ndcg@10"] for r in rows)
     assert best > 2 * popular, (best, popular)  # popularity: 0.096 here; this SASRec 0.25 (untrained: 0.01)
     assert rows[0]["reference"] == "sasrec" and rows[0]["scenario"] == "shop"
-    assert set(rows[0]["valid"]) == set(rows[0]["test"]) == {"hr@10", "ndcg@10", "mrr", "ild@10", "coverage@10"}
+    ranking = {"hr@10", "ndcg@10", "mrr"}
+    masked = {f"masked-{m}" for m in ranking}
+    assert set(rows[0]["valid"]) == set(rows[0]["test"]) == ranking | masked | {"ild@10", "coverage@10"}
+    assert any(r["valid"]["masked-ndcg@10"] != r["valid"]["ndcg@10"] for r in rows)
     assert rows[-1]["train"]["epochs"] == 30 and rows[-1]["train"]["loss"] < 5.0
     json.dumps(rows)  # rows are plain JSON
     values = load_per_user(per_user_file(tmp_path, "shop", 30))  # per-user values for paired intervals
     assert len(values["test.ndcg@10"]) == len(shop.split.eval_users)
     assert np.isclose(values["valid.ndcg@10"].mean(), rows[-1]["valid"]["ndcg@10"])
+    # masking a user's own items moves a target that is not one of them up or leaves it, and a repeat down
+    sequences, targets = eval_sequences(shop, "valid")
+    repeat = np.array([t in seq for seq, t in zip(sequences, targets, strict=True)])
+    assert repeat.any() and not repeat.all()
+    assert (values["valid.masked-ndcg@10"][~repeat] >= values["valid.ndcg@10"][~repeat]).all()
+    assert (values["valid.masked-ndcg@10"][repeat] == 0).all()
 
 
 def test_untrained_model_is_not_better_than_popularity(shop, tiny_cfg):

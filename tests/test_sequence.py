@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from client.evaluation import eval_sequences, score_users, seen_mask
 from client.training import (
     Batch,
     build_model,
@@ -101,20 +102,27 @@ def test_padded_positions_do_not_change_real_outputs(video):
     assert not torch.allclose(after[1], users[1], atol=1e-3)  # user 1 really has item 0
 
 
-def reference_loss(model: RecModel, batch: Batch, row: int, table: torch.Tensor, bias: torch.Tensor) -> tuple:
+def reference_loss(
+    model: RecModel, batch: Batch, row: int, table: torch.Tensor, bias: torch.Tensor, whole: np.ndarray
+) -> tuple:
     """One user's loss computed the slow way, one position at a time through the evaluation path: for each
     position t, the prefix up to t left-padded by ``history_tensor``, ``user_vectors``, ``scores`` over the
-    catalog, the cross-entropy of item t+1; the aux BCE of item t+1's label on the same user vector.
+    catalog with the repeat logit on every item of the user's whole training sequence ``whole`` up to item t
+    (:func:`seen_mask`, found by matching the window in it), the cross-entropy of item t+1; the aux BCE of
+    item t+1's label on the same user vector.
     Returns (sum of cross-entropies, number of positions, sum of BCEs, number of labelled positions)."""
     seq = batch.seq[row]
     real = seq[seq >= 0]
     labels = batch.labels[row][seq >= 0]  # (n, K)
+    starts = [s for s in range(len(whole) - len(real) + 1) if (whole[s : s + len(real)] == real.numpy()).all()]
+    assert starts, "the window is a slice of the user's sequence"
     ce, bce, labelled = [], [], 0
     for t in range(len(real) - 1):
         prefix = history_tensor([real[: t + 1].numpy()], model.cfg.model.history)
         user = model.user_vectors(prefix, table)  # (1, H)
         target = real[t + 1 : t + 2]
-        ce.append(F.cross_entropy(model.scores(user, table, bias), target))
+        seen = seen_mask([whole[: starts[-1] + t + 1]], model.num_items)
+        ce.append(F.cross_entropy(model.scores(user, table, bias, seen), target))
         if not torch.isnan(labels[t + 1, 1]):
             logit = model.head.pairs(user, table[target])[0, 0]
             bce.append(F.binary_cross_entropy_with_logits(logit, labels[t + 1, 1]))
@@ -156,8 +164,10 @@ def test_all_positions_loss_equals_the_per_position_losses_one_at_a_time(tiny_cf
     expected, labelled_any = [], False
     for row in range(len(users)):
         one = Batch(batch.seq[row : row + 1], batch.labels[row : row + 1], batch.fresh[row : row + 1])
+        one.at, one.first = batch.at[row : row + 1], batch.first[row : row + 1]
         got, one_parts = loss_fn(model, one, text, weight, shared=True)
-        ce, positions, bce, labelled = reference_loss(model, batch, row, table, bias)
+        whole = data.split.train[users[row]]
+        ce, positions, bce, labelled = reference_loss(model, batch, row, table, bias, whole)
         assert one_parts["positions"] == positions >= 1
         assert one_parts["loss_rank"] == pytest.approx(float(ce) / positions, abs=1e-5)
         want = ce / positions + (weight * bce / labelled if labelled else 0.0)
@@ -165,6 +175,7 @@ def test_all_positions_loss_equals_the_per_position_losses_one_at_a_time(tiny_cf
         labelled_any |= labelled > 0
         expected.append(float(got))
     assert labelled_any  # the aux term was really compared
+    assert model.memory is not None and model.memory.repeat is not None and float(model.memory.repeat) != 0
     assert float(total) == pytest.approx(float(np.mean(expected)), abs=1e-5)  # the batch loss: mean over users
     # the DP path (every position scored, padding masked out) gives the same loss as the packed one
     assert float(loss_fn(model, batch, text, weight, shared=False)[0]) == pytest.approx(float(total), abs=1e-5)
@@ -306,3 +317,69 @@ def test_item_space_cosine_samples_large_catalogs(tiny_cfg, demo_dir, monkeypatc
     estimate = training.item_space_cosine(model, rng)
     assert estimate == pytest.approx(mean_pairwise_cosine(model.item_table()[0][sample]), abs=1e-6)
     assert estimate == pytest.approx(full, abs=0.05)
+
+
+def test_the_repeat_logits_gradient_is_the_softmax_share_of_the_users_own_items_minus_its_repeats(tiny_cfg, demo_dir):
+    """The repeat logit w is added to every item a user had up to a position (its whole training sequence
+    so far, not only the window the encoder reads). For a softmax cross-entropy, d loss / d w at one
+    position = (probability mass on the items the user had) - 1[the next item is one of them]: w falls
+    where users do not repeat and rises where they do. Checked against autograd, the seen sets built here
+    from the scenario's own sequences."""
+    cfg = with_train(tiny_cfg, fresh_items=0)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, history=4))
+    data = prepare(load_scenario(demo_dir / "video"), cfg)
+    model = build_model(cfg, data)
+    randomise(model)
+    model.eval()
+    assert model.memory is not None and model.memory.repeat is not None
+    text = model.text_table()
+    users = data.trainable_users[:12]
+    batch = make_batch(data, cfg, users, model.num_items, np.random.default_rng(1))
+    model.zero_grad()
+    loss_fn(model, batch, text, 0.0, shared=True)[0].backward()
+    got = float(model.memory.repeat.grad)
+
+    with torch.no_grad():
+        table, bias = model.item_table()
+        inputs, targets = batch.seq[:, :-1], batch.seq[:, 1:]
+        states = model.user(table[inputs.clamp(min=0)], inputs >= 0)  # (B, T, H)
+        per_user, repeats = [], 0
+        for row, u in enumerate(users):
+            whole = data.split.train[u]
+            window = batch.seq[row][batch.seq[row] >= 0].numpy()
+            start = next(s for s in range(len(whole)) if np.array_equal(whole[s : s + len(window)], window))
+            offset = int((batch.seq[row] < 0).sum())  # left padding
+            terms = []
+            for t in range(len(window) - 1):
+                had = torch.zeros(model.num_items, dtype=torch.bool)
+                had[list(set(whole[: start + t + 1].tolist()))] = True
+                p = torch.softmax(model.scores(states[row, offset + t], table, bias, had), dim=-1)
+                target = int(targets[row, offset + t])
+                terms.append(float(p[had].sum()) - float(had[target]))
+                repeats += int(had[target])
+            per_user.append(np.mean(terms))
+    assert got == pytest.approx(float(np.mean(per_user)), abs=1e-5)
+    assert got != 0 and repeats > 0  # demo users sometimes repeat: both terms were exercised
+
+
+def test_evaluation_adds_the_repeat_logit_to_each_users_own_items_only(tiny_cfg, demo_dir):
+    """Full-ranking scores with the users' sequences = the scores without them + w on exactly the items of
+    each user's sequence (its items older than the encoder's window included)."""
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, history=3))
+    data = prepare(load_scenario(demo_dir / "video"), cfg)
+    model = build_model(cfg, data)
+    randomise(model)
+    assert model.memory is not None and model.memory.repeat is not None
+    w = float(model.memory.repeat)
+    assert w != 0
+    sequences, _ = eval_sequences(data, "test")
+    history = history_tensor(sequences, model.cfg.model.history)
+    table = model.item_table()
+    plain = score_users(model, history, table)
+    scored = score_users(model, history, table, sequences, batch_size=7)  # several batches
+    for row, seq in enumerate(sequences):
+        had = np.zeros(model.num_items, dtype=bool)
+        had[seq] = True
+        torch.testing.assert_close(scored[row, ~had], plain[row, ~had], rtol=0, atol=1e-5)  # other batches
+        torch.testing.assert_close(scored[row, had], plain[row, had] + w, rtol=0, atol=1e-5)
+    assert any(len(s) > model.cfg.model.history for s in sequences)  # older items than the window were there
