@@ -54,8 +54,8 @@ def tradeoff(rec: Recommender, scenario: str) -> list[dict[str, float]]:
     for i, u in enumerate(split.eval_users):
         history = np.append(split.train[u], split.valid_target[i])
         ids = [sc.item_ids[j] for j in history]
-        vec, _ = rec._user(Request(scenario=scenario, history=ids), catalog)
-        probs = torch.sigmoid(catalog.model.head.fast_scores(vec, catalog.table, catalog.features)[0])
+        vec, seen = rec._user(Request(scenario=scenario, history=ids), catalog)
+        probs = rec.scored(catalog, vec, rec._weights(Request(scenario=scenario)), seen=seen)[0].float()  # as served
         users.append((probs, int(split.test_target[i]), sc.labels["satisfaction"][u][-1] == 1))
     rows = []
     for w in SAT_WEIGHTS:

@@ -45,12 +45,13 @@ def test_a_checkpoint_written_before_a_later_model_key_existed_still_loads(tmp_p
     cfg = Config()
     folder = save_checkpoint(tmp_path, 1, {"a": np.zeros(2, np.float32)}, cfg, {})
     meta = json.loads((folder / "meta.json").read_text())
-    del meta["config"]["model.item-ids"], meta["config"]["model.text-only"]
+    del meta["config"]["model.item-ids"], meta["config"]["model.text-only"], meta["config"]["model.repeat-logit"]
     shapes = {k: v for k, v in meta["config"].items() if k.startswith(("model.", "lora."))}
     meta["model_hash"] = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]  # as written then
     (folder / "meta.json").write_text(json.dumps(meta))
     loaded, _, _ = read_checkpoint(folder)
     assert loaded.model.item_ids is False and loaded.model_hash() == meta["model_hash"]
+    assert loaded.model.repeat_logit is False  # the model it was: no repeat logit in its private state either
     meta["config"]["model.item-ids"] = False  # written while the key was hashed at its default too: loads
     hashed = {**shapes, "model.item-ids": False}
     meta["model_hash"] = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:16]
@@ -58,6 +59,8 @@ def test_a_checkpoint_written_before_a_later_model_key_existed_still_loads(tmp_p
     assert read_checkpoint(folder)[0].model.item_ids is False
     with_ids = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, item_ids=True, item_memory=True))
     assert with_ids.model_hash() != cfg.model_hash()
+    no_repeat = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, repeat_logit=False))
+    assert no_repeat.model_hash() != cfg.model_hash()  # the default (on) is another model than the old one
 
 
 def test_failed_write_leaves_the_previous_checkpoint(tmp_path):
