@@ -129,11 +129,20 @@ class Batch:
     at: torch.Tensor | None = None
     first: torch.Tensor | None = None
 
-    def seen(self) -> torch.Tensor | None:
-        """(B, T, N) bool: the items each user had up to and including each input position; None without."""
+    def had(self, items: torch.Tensor) -> torch.Tensor | None:
+        """Whether each user had each of ``items`` up to and including each input position: items (C,) for
+        every user or (B, C) each user's own -> (B, T, C) bool; None without a repeat logit."""
         if self.at is None or self.first is None:
             return None
-        return self.first[:, None, :] <= self.at[..., None]
+        first = self.first[:, items] if items.dim() == 1 else self.first.gather(1, items)  # (B, C)
+        return first[:, None, :] <= self.at[..., None]
+
+    def had_each(self, items: torch.Tensor) -> torch.Tensor | None:
+        """Whether each user had, up to each input position, that position's item of ``items`` (B, T) (e.g. its
+        target) -> (B, T) bool; None without a repeat logit."""
+        if self.at is None or self.first is None:
+            return None
+        return self.first.gather(1, items.clamp(min=0)) <= self.at
 
 
 NEVER = np.iinfo(np.int32).max  # first occurrence of an item a user never had
@@ -156,7 +165,7 @@ def make_batch(
     its only candidates in the fresh softmax) takes at least two, since a softmax over one has no gradient;
     ``with_fresh=False`` takes none (a step on the item table alone). With a repeat logit (``model.repeat-logit``
     and ``model.item-memory``): also where each item first occurs in each user's sequence and the index of each
-    input position (:meth:`Batch.seen`)."""
+    input position (:meth:`Batch.had`)."""
     names, length = cfg.model.objective_names, cfg.model.history + 1
     repeats = cfg.model.repeat_logit and cfg.model.item_memory
     wanted = max(cfg.train.fresh_items, 2) if per_user and cfg.train.fresh_items else cfg.train.fresh_items
@@ -208,17 +217,18 @@ def sampled_rank_logits(
     table: torch.Tensor,
     bias: torch.Tensor,
     negatives: torch.Tensor,
-    seen: torch.Tensor | None = None,
+    seen: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Ranking logits (P, 1 + K) of users (P, H) against their own target (column 0) and the shared uniform
     negatives (K,) (a negative equal to the position's target masked out). Every negative has the same
     sampling probability, so this sampled softmax needs no log-probability correction; its cross-entropy
     with label 0 approximates the full-catalog loss (exactly it when the negatives are every item).
-    ``seen`` (P, N) bool: the items each position's user already had (:meth:`RecModel.repeat_logits`)."""
+    ``seen``: whether each position's user already had its target (P,) and each negative (P, K) (bool, for
+    :meth:`RecModel.repeat_logits`)."""
     own = model.head.similarity((users * table[targets]).sum(-1, keepdim=True))[..., 0] + bias[targets]
     if seen is not None:
-        own = own + model.repeat_logits(seen.gather(1, targets[:, None])[:, 0])
-    others = model.scores(users, table[negatives], bias[negatives], None if seen is None else seen[:, negatives])
+        own = own + model.repeat_logits(seen[0])
+    others = model.scores(users, table[negatives], bias[negatives], None if seen is None else seen[1])
     others = others.masked_fill(negatives[None] == targets[:, None], float("-inf"))
     return torch.cat([own[:, None], others], dim=1)
 
@@ -247,7 +257,6 @@ def loss_fn(
     index = torch.arange(text.shape[0])
     table, bias = model.item_vectors(text, index), model.item_bias(index)  # (N, H), (N,)
     users = model.user(table[inputs.clamp(min=0)], mask)  # (B, T, H): one user vector per position
-    seen = batch.seen()  # (B, T, N) bool or None: the repeat logit's items
     catalogs = batch.catalogs or ((0, len(index)),)
     catalog = batch.catalog if batch.catalog is not None else torch.zeros(len(inputs), dtype=torch.long)
     if shared:  # the real positions only (short sequences' windows are mostly padding), each on its catalog
@@ -257,16 +266,18 @@ def loss_fn(
             if not bool(at.any()):
                 continue
             sampled = batch.negatives[c] if batch.negatives else None
-            seen_at = None if seen is None else seen[at]  # (P, N)
             if sampled is None:
-                own = None if seen_at is None else seen_at[:, lo:hi]
+                had = batch.had(index[lo:hi])  # (B, T, N_c) or None: the repeat logit's items
+                own = None if had is None else had[at]
                 logits, label = model.scores(users[at], table[lo:hi], bias[lo:hi], own), targets[at] - lo
             else:
-                logits = sampled_rank_logits(model, users[at], targets[at], table, bias, sampled, seen_at)
+                had, had_target = batch.had(sampled), batch.had_each(targets)  # (B, T, K), (B, T)
+                seen = None if had is None or had_target is None else (had_target[at], had[at])
+                logits = sampled_rank_logits(model, users[at], targets[at], table, bias, sampled, seen)
                 label = torch.zeros(len(logits), dtype=torch.long)
             full = full.masked_scatter(at, F.cross_entropy(logits, label, reduction="none"))
     else:  # DP: per-sample gradients need the user dimension first in every layer
-        logits = model.scores(users, table, bias, seen).transpose(1, 2)  # (B, N, T)
+        logits = model.scores(users, table, bias, batch.had(index)).transpose(1, 2)  # (B, N, T)
         first = torch.tensor([r[0] for r in catalogs])[catalog]  # (B,) each user's catalog: [first, end)
         end = torch.tensor([r[1] for r in catalogs])[catalog]
         if len(catalogs) > 1:
@@ -280,8 +291,8 @@ def loss_fn(
         ids = batch.fresh.unique()[None] if shared else batch.fresh  # (G, C), G = 1 or B
         fresh = model.item_vectors(model.encode_items(ids[0])[None] if shared else model.encode_items(ids), ids)
         logits = model.head.similarity((users @ fresh.transpose(1, 2))[..., None])[..., 0] + bias[ids][:, None]
-        if seen is not None:  # (B, T, C): whether each user had each of its candidates
-            had = seen[..., ids[0]] if shared else seen.gather(2, ids[:, None].expand_as(logits))
+        had = batch.had(ids[0] if shared else ids)  # (B, T, C): whether each user had each of its candidates
+        if had is not None:
             logits = logits + model.repeat_logits(had)
         hit = targets[..., None] == ids[:, None, :]  # (B, T, C)
         scored = valid & hit.any(-1)

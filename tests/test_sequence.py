@@ -383,3 +383,23 @@ def test_evaluation_adds_the_repeat_logit_to_each_users_own_items_only(tiny_cfg,
         torch.testing.assert_close(scored[row, ~had], plain[row, ~had], rtol=0, atol=1e-5)  # other batches
         torch.testing.assert_close(scored[row, had], plain[row, had] + w, rtol=0, atol=1e-5)
     assert any(len(s) > model.cfg.model.history for s in sequences)  # older items than the window were there
+
+
+@torch.no_grad()
+def test_the_sampled_loss_with_every_item_as_negative_is_the_full_loss_repeat_logit_included(tiny_cfg, demo_dir):
+    """Through ``loss_fn``: the sampled softmax whose negatives are the whole catalog gives the full-catalog
+    loss, so the repeat logit reaches the target and every negative there exactly as in the full softmax."""
+    cfg = with_train(tiny_cfg, fresh_items=0)
+    data = prepare(load_scenario(demo_dir / "video"), cfg)
+    model = build_model(cfg, data)
+    randomise(model)
+    model.eval()
+    assert model.memory is not None and model.memory.repeat is not None
+    model.memory.repeat.fill_(-3.0)
+    text = model.text_table()
+    batch = make_batch(data, cfg, data.trainable_users[:16], model.num_items, np.random.default_rng(2))
+    full = loss_fn(model, batch, text, 0.0, shared=True)[1]["loss_rank"]
+    every = dataclasses.replace(batch, negatives=(torch.arange(model.num_items),))
+    assert loss_fn(model, every, text, 0.0, shared=True)[1]["loss_rank"] == pytest.approx(full, abs=1e-5)
+    plain = dataclasses.replace(every, at=None, first=None)  # without the repeat logit: another loss
+    assert loss_fn(model, plain, text, 0.0, shared=True)[1]["loss_rank"] != pytest.approx(full, abs=1e-3)
