@@ -33,6 +33,7 @@ from shared.model import RecModel, full_encoder_items
 from shared.records import load_trainable
 
 from .bandit import ItemStats, corrected, explore
+from .evaluation import seen_mask
 from .ranking import mmr, utility
 from .state import PRIVATE_FILE, load_personal, load_private, private_scenario, round_copy
 
@@ -317,7 +318,7 @@ class Recommender:
         logits = catalog.model.head.fast_scores(user, table, features)[0].double()  # (C, K)
         logits[:, 0] += bias
         if seen is not None and len(seen):
-            had = torch.from_numpy(np.isin(np.arange(len(table)) if rows is None else rows.numpy(), seen))
+            had = seen_mask([seen], len(table))[0] if rows is None else torch.from_numpy(np.isin(rows.numpy(), seen))
             logits[:, 0] += had.double() * float(catalog.repeat)
         probs, weights = torch.sigmoid(logits), weights.double()
         scores = utility(probs, weights, values, self.cfg.serve.value_weight, catalog.value_range)

@@ -177,8 +177,9 @@ def load_private(model: RecModel, path: Path, item_ids: list[str]) -> int:
     cannot be read is an error naming it (nothing is loaded)."""
     params = dict(model.named_parameters())
     stored_ids, tensors = _read(path)
-    scenario = [n for n in private_state(model) if n == REPEAT_NAME]  # the scenario's, not per item
-    memory = [n for n in private_state(model) if n.startswith(PRIVATE_PREFIX) and n not in scenario]
+    private = [n for n in params if is_private(model, n)]
+    scenario = [n for n in private if n == REPEAT_NAME]  # the scenario's, not per item
+    memory = [n for n in private if n.startswith(PRIVATE_PREFIX) and n not in scenario]
     missing = sorted(n for n in memory + scenario if n not in tensors)
     if missing:
         raise ValueError(f"private state {path} lacks {missing}: written by a different model")

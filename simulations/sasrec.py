@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from client.evaluation import PerUser, eval_inputs, eval_sequences, frozen_table, full_ranking, seen_mask
+from client.evaluation import PerUser, eval_sequences, frozen_table, full_ranking, seen_mask
 from client.training import LocalData, history_tensor
 from shared.config import Config
 from shared.metrics import ranking_values
@@ -203,11 +203,12 @@ def measure(model: SASRec, data: LocalData, vectors: torch.Tensor, per_user: Per
     gets each evaluation user's values."""
     out: dict[str, float] = {}
     for split in ("valid", "test"):
-        history, target = eval_inputs(data, split, model.length)
+        sequences, targets = eval_sequences(data, split)
+        target = torch.as_tensor(targets, dtype=torch.long)
         values: PerUser = {}
-        scores = score(model, history)
+        scores = score(model, history_tensor(sequences, model.length))
         metrics = full_ranking(scores, target, vectors, values)
-        seen = seen_mask(eval_sequences(data, split)[0], scores.shape[1])
+        seen = seen_mask(sequences, scores.shape[1])
         masked = {f"masked-{k}": v for k, v in ranking_values(scores.masked_fill(seen, -torch.inf), target).items()}
         values |= masked
         metrics |= {k: float(v.mean()) for k, v in masked.items()}
